@@ -1,0 +1,103 @@
+"""Residual contrastive loss: Eq. 3 computed batch-wise as in Algorithm 1 of Dong et al. (IJCAI 2022).
+
+For N+1 images, two overlapping crops each, residuals res_q[j] and res_k[j] (Eq. 2). For anchor j
+(Algorithm 1, lines 4-7) the positive pair is (q_j, k_j) and the negatives are k_i for i != j, plus
+any extra negative sketches (from other workers or a queue). With d a distance between residual
+value distributions (:mod:`rcl_dist.losses.distances`),
+
+    L_j = -log( exp(-d(q_j, k_j)/tau) / sum_i exp(-d(q_j, k_i)/tau) )                   (Eq. 3)
+
+the sum running over every key (own positive included, as in InfoNCE, Eq. 1). Line 8 sums L_j over
+the batch: ``reduction="sum"`` is the paper's; ``"mean"`` divides by N+1, which keeps the scale of
+the loss (and so the meaning of alpha in Eq. 6) independent of the batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rcl_dist.losses.distances import get_distance
+
+__all__ = ["ResidualContrastiveLoss", "pair_distance_stats"]
+
+_REDUCTIONS = ("sum", "mean")
+
+
+class ResidualContrastiveLoss(nn.Module):
+    """Eq. 3 with Algorithm 1. ``forward(res_q, res_k, extra_negatives=None) -> scalar``.
+
+    Args:
+        distance: "emd" (Eq. 4, the paper's choice), "bd" (Eq. 9) or "mmd" (Eq. 10).
+        temperature: tau > 0. Distances live on the residual's value scale (images in [0, 1]), so
+            tau is on that scale too.
+        reduction: "sum" (Algorithm 1, line 8) or "mean".
+        **distance_options: passed to :func:`~rcl_dist.losses.distances.get_distance`
+            (e.g. ``quantiles=256``, ``channels="separate"``).
+    """
+
+    def __init__(self, distance: str = "emd", temperature: float = 0.1, reduction: str = "sum", **distance_options):
+        super().__init__()
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.distance = get_distance(distance, **distance_options)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+
+    def sketch(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.distance.sketch(residual)
+
+    def distance_matrix(
+        self, sketch_q: torch.Tensor, sketch_k: torch.Tensor, extra_negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B_q, B_k + M] distances from every query sketch to every key sketch, extra negatives last."""
+        keys = sketch_k if extra_negatives is None else torch.cat([sketch_k, extra_negatives.to(sketch_k.dtype)])
+        return self.distance.pairwise(sketch_q, keys)
+
+    def from_sketches(
+        self,
+        sketch_q: torch.Tensor,
+        sketch_k: torch.Tensor,
+        extra_negatives: torch.Tensor | None = None,
+        positive_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Eq. 3 on sketches. ``positive_index[j]`` is the column of q_j's positive among the keys
+        (default j: keys aligned with queries). The distributed trainer passes the keys of all workers
+        and offsets the index by its rank's position in that gathered set."""
+        dist = self.distance_matrix(sketch_q, sketch_k, extra_negatives)  # [B_q, B_k + M]
+        if positive_index is None:
+            if sketch_k.shape[0] != sketch_q.shape[0]:
+                raise ValueError(
+                    f"{sketch_q.shape[0]} queries but {sketch_k.shape[0]} keys: pass positive_index"
+                )
+            positive_index = torch.arange(sketch_q.shape[0], device=dist.device)
+        if dist.shape[1] < 2:
+            raise ValueError("the contrastive loss needs at least one negative (N+1 >= 2 images, or extra negatives)")
+        logits = -dist / self.temperature  # [B_q, B_k + M]; positive logit at positive_index
+        return F.cross_entropy(logits, positive_index, reduction=self.reduction)
+
+    def forward(
+        self, res_q: torch.Tensor, res_k: torch.Tensor, extra_negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """res_q, res_k: [N+1, C, H, W] residuals of the first and second crops of N+1 images;
+        extra_negatives: [M, ...] sketches (already sketched with this loss's distance), detached or not."""
+        if res_q.shape[0] != res_k.shape[0]:
+            raise ValueError(f"res_q has {res_q.shape[0]} crops and res_k {res_k.shape[0]}: need one pair per image")
+        return self.from_sketches(self.sketch(res_q), self.sketch(res_k), extra_negatives)
+
+
+@torch.no_grad()
+def pair_distance_stats(dist: torch.Tensor) -> dict[str, float]:
+    """Mean distance of positive pairs (the diagonal of a square [B, B] block) and of negative pairs.
+
+    Their gap is the quantity of the paper's Fig. 2: training should push it up.
+    """
+    b = dist.shape[0]
+    square = dist[:, :b]
+    eye = torch.eye(b, dtype=torch.bool, device=dist.device)
+    pos = square[eye].mean()
+    neg = torch.cat([square[~eye], dist[:, b:].flatten()]).mean()
+    return {"dist_pos": pos.item(), "dist_neg": neg.item(), "dist_gap": (neg - pos).item()}
