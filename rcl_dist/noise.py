@@ -11,7 +11,8 @@ Equations (numbers as in Dong et al., IJCAI 2022, ``shared/paper/rcl-paper.txt``
   a = sigma_min / sqrt(2), b = sigma_max / sqrt(2)                       -> :func:`sample_nlf_uniform`
 * Eq. 12-13  log lambda_shot ~ U(log 0.001, log 0.12),
   log lambda_read ~ N(2.18 log lambda_shot + 1.2, 0.26)                  -> :func:`sample_nlf_brooks`
-* App. B.2 mosaic (RGGB) and the linear interpolation T of Eq. 11       -> :func:`mosaic`, :func:`demosaic_bilinear`
+* App. B.2 / C.2 RGGB mosaic and its packed form, and bilinear demosaicing -> :func:`mosaic`, :func:`demosaic_bilinear`
+  (the classical baseline for the JDD task; T of Eq. 11 is in :mod:`rcl_dist.losses.consistency`)
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ _BILINEAR_KERNELS = torch.tensor([[_TENT], [_CROSS], [_TENT]])  # [3, 1, 3, 3]
 
 
 def demosaic_bilinear(raw: torch.Tensor) -> torch.Tensor:
-    """Bilinear demosaicing, the linear interpolation T of Eq. 11: [B, 1, H, W] RGGB -> [B, 3, H, W].
+    """Bilinear demosaicing: [B, 1, H, W] RGGB -> [B, 3, H, W] (the classical linear-interpolation baseline).
 
     Normalised convolution: each colour plane, zero where not sampled, is convolved with its 3x3 kernel
     (tent for R and B, cross for G) and divided by the convolved sampling mask. In the interior this is exactly the classic

@@ -68,15 +68,14 @@ class ResidualContrastiveLoss(nn.Module):
         (default j: keys aligned with queries). The distributed trainer passes the keys of all workers
         and offsets the index by its rank's position in that gathered set."""
         dist = self.distance_matrix(sketch_q, sketch_k, extra_negatives)  # [B_q, B_k + M]
-        if positive_index is None:
-            if sketch_k.shape[0] != sketch_q.shape[0]:
-                raise ValueError(
-                    f"{sketch_q.shape[0]} queries but {sketch_k.shape[0]} keys: pass positive_index"
-                )
-            positive_index = torch.arange(sketch_q.shape[0], device=dist.device)
+        return self.info_nce(dist, positive_index)
+
+    def info_nce(self, dist: torch.Tensor, positive_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 3 from a [B_q, K] distance matrix; logits are -d/tau, the target is each query's positive."""
         if dist.shape[1] < 2:
             raise ValueError("the contrastive loss needs at least one negative (N+1 >= 2 images, or extra negatives)")
-        logits = -dist / self.temperature  # [B_q, B_k + M]; positive logit at positive_index
+        positive_index = _positive_index(dist, positive_index)
+        logits = -dist / self.temperature  # [B_q, K]; positive logit at positive_index
         return F.cross_entropy(logits, positive_index, reduction=self.reduction)
 
     def forward(
@@ -89,15 +88,21 @@ class ResidualContrastiveLoss(nn.Module):
         return self.from_sketches(self.sketch(res_q), self.sketch(res_k), extra_negatives)
 
 
-@torch.no_grad()
-def pair_distance_stats(dist: torch.Tensor) -> dict[str, float]:
-    """Mean distance of positive pairs (the diagonal of a square [B, B] block) and of negative pairs.
+def _positive_index(dist: torch.Tensor, positive_index: torch.Tensor | None) -> torch.Tensor:
+    if positive_index is None:  # keys aligned with queries: q_j's positive is k_j
+        if dist.shape[1] < dist.shape[0]:
+            raise ValueError(f"{dist.shape[0]} queries but only {dist.shape[1]} keys: pass positive_index")
+        return torch.arange(dist.shape[0], device=dist.device)
+    return positive_index.to(dist.device)
 
-    Their gap is the quantity of the paper's Fig. 2: training should push it up.
+
+@torch.no_grad()
+def pair_distance_stats(dist: torch.Tensor, positive_index: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean distance of positive pairs and of negative pairs in a [B_q, K] distance matrix.
+
+    Their gap (negative minus positive) is the quantity of the paper's Fig. 2: training should widen it.
     """
-    b = dist.shape[0]
-    square = dist[:, :b]
-    eye = torch.eye(b, dtype=torch.bool, device=dist.device)
-    pos = square[eye].mean()
-    neg = torch.cat([square[~eye], dist[:, b:].flatten()]).mean()
+    pos_mask = torch.zeros_like(dist, dtype=torch.bool)
+    pos_mask[torch.arange(dist.shape[0], device=dist.device), _positive_index(dist, positive_index)] = True
+    pos, neg = dist[pos_mask].mean(), dist[~pos_mask].mean()
     return {"dist_pos": pos.item(), "dist_neg": neg.item(), "dist_gap": (neg - pos).item()}

