@@ -33,9 +33,9 @@ def noise_residuals(crop: int, n: int, seed: int = 0) -> tuple[torch.Tensor, tor
     gen = torch.Generator().manual_seed(seed)
     sampler = PairSampler(images, crop=crop, overlap=0.5, generator=gen)
     b = sampler.sample(min(n, len(images)), "clean")
-    res_q = b["noisy"] - b["clean"]
+    res_q = b["input"] - b["target"]
     b = sampler.sample(min(n, len(images)), "clean")
-    return res_q, b["noisy"] - b["clean"]
+    return res_q, b["input"] - b["target"]
 
 
 def sketch_error(crop: int, quantiles: int) -> dict[str, float]:

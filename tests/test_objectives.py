@@ -67,7 +67,7 @@ def test_every_method_trains_through_one_interface(method, unet, random_consiste
     obj = build_objective(method, consistency=random_consistency, generator=torch.Generator().manual_seed(0))
     clean = torch.rand(4, 3, 16, 16, generator=rng)
     noisy = clean + 0.05 * torch.randn(4, 3, 16, 16, generator=rng)
-    pool = {"q": noisy, "k": noisy.flip(-1), "noisy": noisy, "noisy2": clean + 0.05 * torch.randn_like(clean), "clean": clean}
+    pool = {"q": noisy, "k": noisy.flip(-1), "noisy": noisy, "noisy2": clean + 0.05 * torch.randn_like(clean), "input": noisy, "target": clean}
     batch = {k: pool[k] for k in obj.required_keys}
     out = obj(unet, batch)
     assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])

@@ -22,7 +22,7 @@ class PairSampler:
     """Draws batches from a list of [C, H, W] images, each with its own noise parameters.
 
     ``kind``: "rcl" -> {"q", "k"} (two overlapping crops of one noisy realisation), "n2n" ->
-    {"noisy", "noisy2"} (two realisations of one crop), "clean" -> {"noisy", "clean"}.
+    {"noisy", "noisy2"} (two realisations of one crop), "clean" -> {"input", "target"} (noisy, clean).
     All randomness comes from ``generator``.
     """
 
@@ -86,5 +86,5 @@ class PairSampler:
         if kind == "n2n":
             return {"noisy": noisy, "noisy2": add_nlf_noise(clean, p, generator=self.generator)}
         if kind == "clean":
-            return {"noisy": noisy, "clean": clean}
+            return {"input": noisy, "target": clean}
         raise ValueError(f"unknown batch kind {kind!r}; choose 'rcl', 'n2n' or 'clean'")

@@ -6,8 +6,11 @@ scalar to minimise) and detached per-term values for logging.
 
 * Noise2Noise (Lehtinen et al., 2018): ``noisy`` -> ``noisy2``, a second realisation of the same clean
   image with the same noise parameters; MSE.
-* Noise2Self (Batson & Royer, 2019): J-invariant masking on a grid; MSE on masked pixels only.
-* Supervised (the paper's Oracle): ``noisy`` -> ``clean``, L1 as in the paper's fine-tuning (Sec. 4).
+* Noise2Self (Batson & Royer, 2019): ``input`` (noisy) only; J-invariant masking on a grid; MSE on
+  masked pixels only.
+* Supervised (the paper's Oracle): ``input`` -> ``target``, L1 as in the paper's fine-tuning (Sec. 4).
+
+Batch keys are those of :data:`rcl_dist.data.spec.TASK_KEYS`.
 * Consistency-only: Eq. 5 alone (RCL with alpha = 0), the ablation of the contrastive term.
 """
 
@@ -78,7 +81,7 @@ class Noise2SelfObjective(nn.Module):
     every call. At inference the plain f(x) is used, as in Batson & Royer.
     """
 
-    required_keys = ("noisy",)
+    required_keys = ("input",)
 
     def __init__(self, grid: int = 4, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -86,7 +89,7 @@ class Noise2SelfObjective(nn.Module):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = batch["noisy"]
+        x = batch["input"]
         phase = int(torch.randint(self.masker.phases, (1,), generator=self.generator))
         x_masked, m = self.masker.apply(x, phase)
         out = model.restore(x_masked)
@@ -97,10 +100,10 @@ class Noise2SelfObjective(nn.Module):
 class SupervisedObjective(nn.Module):
     """The Oracle: L1 between f(x) and the clean target (any head: denoise, SR, RAW -> RGB)."""
 
-    required_keys = ("noisy", "clean")
+    required_keys = ("input", "target")
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        loss = F.l1_loss(model.restore(batch["noisy"]), batch["clean"])
+        loss = F.l1_loss(model.restore(batch["input"]), batch["target"])
         return {"loss": loss, "l1": loss.detach()}
 
 
