@@ -3,6 +3,8 @@
     rcl-dist demo [--steps N] [key=value ...]         short single-process RCL pre-training on bundled images
     rcl-dist pretrain --config FILE [key=value ...]   single-process pre-training (Ray Train: its own issue)
     rcl-dist config [--config FILE] [key=value ...]   print the validated configuration as YAML
+    rcl-dist data index DIR[:SPLIT] ... --out manifest.parquet [--seed S] [--val-fraction F]
+    rcl-dist data simulate --manifest manifest.parquet --out DIR [--raw] [--pairs]
 """
 
 from __future__ import annotations
@@ -38,6 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--save", type=Path, default=None, help="write the pre-trained weights here (.pt)")
     pre.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
+    data = sub.add_parser("data", help="image manifests and materialised noisy realisations")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    idx = dsub.add_parser("index", help="validate image folders and write a manifest (parquet)")
+    idx.add_argument("dirs", nargs="+", help="image folders; DIR:train|val|test gives the whole folder one split")
+    idx.add_argument("--out", type=Path, required=True, help="manifest file (.parquet); rejects go beside it")
+    idx.add_argument("--seed", type=int, default=0, help="base seed of splits and noise parameters")
+    idx.add_argument("--val-fraction", type=float, default=0.1)
+    idx.add_argument("--test-fraction", type=float, default=0.0)
+    idx.add_argument("--sampler", choices=("uniform", "brooks"), default="uniform", help="NLF parameter sampler")
+    idx.add_argument("--sigma-min", type=float, default=0.0, help="uniform sampler: sigma range on [0, 1]")
+    idx.add_argument("--sigma-max", type=float, default=20.0 / 255.0)
+    sim = dsub.add_parser("simulate", help="materialise each image's fixed noisy realisation (.npy)")
+    sim.add_argument("--manifest", type=Path, required=True)
+    sim.add_argument("--out", type=Path, required=True, help="folder for the .npy files")
+    sim.add_argument("--raw", action="store_true", help="noise in the RAW domain (RGGB mosaic first)")
+    sim.add_argument("--pairs", action="store_true", help="also a second realisation (Noise2Noise)")
+    sim.add_argument("--split", default=None, help="only this split")
+
     show = sub.add_parser("config", help="print the validated configuration")
     show.add_argument("--config", type=Path, default=None)
     show.add_argument("overrides", nargs="*")
@@ -70,6 +90,26 @@ def _pretrain(cfg, save: Path | None) -> None:
         print(f"weights written to {save}")
 
 
+def _data(args) -> None:
+    from rcl_dist.data import manifest
+
+    if args.data_command == "index":
+        options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler == "uniform" else None
+        result = manifest.index_images(
+            args.dirs,
+            args.out,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            sampler=args.sampler,
+            sampler_options=options,
+        )
+        print(result.summary())
+    else:
+        n = manifest.simulate(args.manifest, args.out, raw=args.raw, pairs=args.pairs, split=args.split)
+        print(f"{n} noisy realisation(s) in {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rcl_dist.config import ConfigError, load_config
 
@@ -80,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             _pretrain(cfg, args.save)
         elif args.command == "pretrain":
             _pretrain(load_config(args.config, args.overrides), args.save)
+        elif args.command == "data":
+            _data(args)
         elif args.command == "config":
             import yaml
 
             print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"rcl-dist: error: {e}", file=sys.stderr)
         return 2
     return 0

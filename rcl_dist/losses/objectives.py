@@ -54,7 +54,13 @@ class RCLObjective(nn.Module):
         batch: dict[str, torch.Tensor],
         extra_negatives: torch.Tensor | None = None,
         key_gather: KeyGather | None = None,
+        world_size: int = 1,
     ) -> dict[str, torch.Tensor]:
+        """``key_gather`` (distributed training): local key sketches -> keys of all workers and the
+        positives' indices. ``world_size``: DDP averages gradients over workers, so with
+        ``reduction="sum"`` the contrastive term of ``"loss"`` is multiplied by the world size: the
+        averaged gradient is then the gradient of Eq. 6 over the global batch (the consistency term,
+        a mean, needs no factor). ``"contrast"`` reports this worker's unscaled term."""
         q, k = batch["q"], batch["k"]
         if q.shape != k.shape:
             raise ValueError(f"the two crops of a pair must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -68,7 +74,8 @@ class RCLObjective(nn.Module):
         dist = self.contrastive.distance_matrix(s_q, keys, extra_negatives)  # [B, K]
         l_contrast = self.contrastive.info_nce(dist, pos)
         result = {"contrast": l_contrast.detach(), "sketch_k": s_k.detach()}
-        loss = self.alpha * l_contrast
+        scale = world_size if self.contrastive.reduction == "sum" else 1
+        loss = self.alpha * scale * l_contrast
         if self.consistency is not None:
             l_cons = self.consistency(x, model.restore(x, out))
             loss = loss + l_cons
