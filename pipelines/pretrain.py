@@ -1,8 +1,7 @@
-"""The pre-training job as a script: ``python pipelines/pretrain.py --config FILE [key=value ...]``.
+"""The pre-training job for a cluster: ``ray submit cluster/config.yaml pipelines/pretrain.py -- --config FILE``.
 
-Today this runs the single-process trainer (rcl_dist.train.local); the Ray Train version, submitted
-with ``ray submit cluster/config.yaml pipelines/pretrain.py``, replaces it in the distributed
-pre-training issue. The command line is that of ``rcl-dist pretrain``.
+Same command line as ``rcl-dist pretrain`` (Ray Train workers, DALI input, MLflow tracking): on the
+head node of a running cluster it connects to that cluster; elsewhere it starts a local Ray.
 """
 
 import sys

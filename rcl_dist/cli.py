@@ -1,7 +1,7 @@
 """``rcl-dist`` command line.
 
     rcl-dist demo [--steps N] [key=value ...]         short single-process RCL pre-training on bundled images
-    rcl-dist pretrain --config FILE [key=value ...]   single-process pre-training (Ray Train: its own issue)
+    rcl-dist pretrain --config FILE [key=value ...]   distributed pre-training on Ray Train (--local: one process)
     rcl-dist config [--config FILE] [key=value ...]   print the validated configuration as YAML
     rcl-dist data index DIR[:SPLIT] ... --out manifest.parquet [--seed S] [--val-fraction F]
     rcl-dist data simulate --manifest manifest.parquet --out DIR [--raw] [--pairs]
@@ -35,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--save", type=Path, default=None, help="write the pre-trained weights here (.pt)")
     demo.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
-    pre = sub.add_parser("pretrain", help="pre-train from a config file (single process)")
+    pre = sub.add_parser("pretrain", help="pre-train on Ray Train workers (local Ray unless a cluster is running)")
     pre.add_argument("--config", type=Path, default=None, help="YAML config (defaults when omitted)")
-    pre.add_argument("--save", type=Path, default=None, help="write the pre-trained weights here (.pt)")
+    pre.add_argument("--resume", action="store_true", help="continue the run dist.run_name from its latest checkpoint")
+    pre.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: the local store)")
+    pre.add_argument("--local", action="store_true", help="single process, no Ray/DALI/MLflow (debugging)")
+    pre.add_argument("--save", type=Path, default=None, help="--local: write the pre-trained weights here (.pt)")
     pre.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
     data = sub.add_parser("data", help="image manifests and materialised noisy realisations")
@@ -57,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--raw", action="store_true", help="noise in the RAW domain (RGGB mosaic first)")
     sim.add_argument("--pairs", action="store_true", help="also a second realisation (Noise2Noise)")
     sim.add_argument("--split", default=None, help="only this split")
+    sim.add_argument("--gray", action="store_true", help="1-channel realisations (grey models); default RGB")
+    sim.add_argument("--force", action="store_true", help="rewrite existing files (e.g. after re-indexing with another seed)")
 
     show = sub.add_parser("config", help="print the validated configuration")
     show.add_argument("--config", type=Path, default=None)
@@ -90,12 +95,26 @@ def _pretrain(cfg, save: Path | None) -> None:
         print(f"weights written to {save}")
 
 
+def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
+    from rcl_dist.train.launch import run_pretrain
+
+    r = run_pretrain(cfg, resume=resume, tracking_uri=tracking_uri)
+    m = r.metrics or {}
+    print(
+        f"run {r.run_name} finished in {r.seconds:.1f} s: step {m.get('step', float('nan')):.0f}, "
+        f"loss {m.get('loss', float('nan')):.4g}, restarts {m.get('restarts', 0):.0f}"
+    )
+    print(f"checkpoint: {r.checkpoint_path}")
+    if r.mlflow_run_id:
+        print(f"MLflow run {r.mlflow_run_id} in {r.tracking_uri}  (UI: mlflow ui --backend-store-uri {r.tracking_uri})")
+
+
 def _data(args) -> None:
     from rcl_dist.data import manifest
 
     if args.data_command == "index":
         options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler == "uniform" else None
-        result = manifest.index_images(
+        manifest.index_images(  # logs its progress, rejects and summary
             args.dirs,
             args.out,
             seed=args.seed,
@@ -104,9 +123,10 @@ def _data(args) -> None:
             sampler=args.sampler,
             sampler_options=options,
         )
-        print(result.summary())
     else:
-        n = manifest.simulate(args.manifest, args.out, raw=args.raw, pairs=args.pairs, split=args.split)
+        n = manifest.simulate(
+            args.manifest, args.out, raw=args.raw, pairs=args.pairs, split=args.split, gray=args.gray, force=args.force
+        )
         print(f"{n} noisy realisation(s) in {args.out}")
 
 
@@ -119,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])
             _pretrain(cfg, args.save)
         elif args.command == "pretrain":
-            _pretrain(load_config(args.config, args.overrides), args.save)
+            cfg = load_config(args.config, args.overrides)
+            if args.local:
+                _pretrain(cfg, args.save)
+            else:
+                _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
             _data(args)
         elif args.command == "config":

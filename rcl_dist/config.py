@@ -15,7 +15,17 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "ConfigError", "load_config"]
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "LossConfig",
+    "DataConfig",
+    "TrainConfig",
+    "DistConfig",
+    "TrackingConfig",
+    "ConfigError",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -80,9 +90,19 @@ class DataConfig:
     sigma_min: float = 0.0  # App. C.1 sigma range on the [0, 1] scale (paper: [0, 20] on 0-255)
     sigma_max: float = 20.0 / 255.0
     max_images: int = 0  # use at most this many images (0: all)
+    manifest: str | None = None  # distributed runs: a manifest (rcl-dist data index); None: index `source`
+    split: str = "train"  # manifest rows to train on
+    realisation: str = "fresh"  # "fresh" noise every epoch, or "fixed" (one noisy image per image id)
+    simulated_dir: str | None = None  # fixed realisations from `rcl-dist data simulate` (None: beside the manifest)
+    engine: str = "dali"  # input pipeline: "dali" (GPU ops where present) or "torch" (reference DataLoader)
+    threads: int = 2  # DALI threads / DataLoader workers per training worker
 
     def validate(self) -> None:
         _choice("data.sampler", self.sampler, ("uniform", "brooks"))
+        _choice("data.realisation", self.realisation, ("fresh", "fixed"))
+        _choice("data.engine", self.engine, ("dali", "torch"))
+        _choice("data.split", self.split, ("train", "val", "test"))
+        _at_least("data.threads", self.threads, 0)
         _at_least("data.crop", self.crop, 8)
         _at_least("data.tile", self.tile, 0)
         _at_least("data.max_images", self.max_images, 0)
@@ -101,10 +121,14 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-7
     grad_clip: float | None = None  # max gradient norm (None: off)
-    seed: int = 0
+    schedule: str = "constant"  # learning rate: "constant" (the paper) or "cosine" decay to 0
+    seed: int = 0  # base seed; worker r uses seed + r
     log_every: int = 10  # print / record metrics every this many steps
+    nonfinite_limit: int = 10  # stop after this many non-finite losses in a row (each such step is skipped)
 
     def validate(self) -> None:
+        _choice("train.schedule", self.schedule, ("constant", "cosine"))
+        _at_least("train.nonfinite_limit", self.nonfinite_limit, 1)
         _at_least("train.steps", self.steps, 1)
         _at_least("train.batch_size", self.batch_size, 2)
         _at_least("train.log_every", self.log_every, 1)
@@ -115,15 +139,61 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker, NCCL; else gloo on CPU
+    cpus_per_worker: float = 1.0
+    negatives: str = "global"  # "local", "global" (sketches of every worker), "global+queue"
+    queue_size: int = 0  # global+queue: past key sketches kept as extra negatives (detached)
+    checkpoint_every: int = 50  # steps between checkpoints (model, optimiser, step, data position)
+    max_failures: int = 0  # worker failures survived by restarting from the latest checkpoint
+    storage_path: str | None = None  # checkpoints and run state (None: $RCL_DIST_HOME/ray_results)
+    run_name: str | None = None  # Ray Train run name; reusing it (--resume) resumes that run
+    bf16: bool = True  # autocast to bfloat16 (GPU only)
+    channels_last: bool = True  # memory format (GPU only)
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> None:
+        _at_least("dist.workers", self.workers, 1)
+        _choice("dist.negatives", self.negatives, ("local", "global", "global+queue"))
+        _at_least("dist.queue_size", self.queue_size, 0)
+        _at_least("dist.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("dist.max_failures", self.max_failures, -1)
+        if self.negatives == "global+queue" and self.queue_size < 1:
+            raise ConfigError("dist.negatives 'global+queue' needs dist.queue_size >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ConfigError(f"dist.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI (None: the local store under $RCL_DIST_HOME)
+    experiment: str = "rcl-pretrain"  # MLflow experiment name
+    enabled: bool = True  # False: no MLflow at all
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("tracking.experiment must not be empty")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
-        for section in (self.model, self.loss, self.data, self.train):
+        for section in (self.model, self.loss, self.data, self.train, self.dist, self.tracking):
             section.validate()
+        if self.train.batch_size % self.dist.workers:
+            raise ConfigError(
+                f"train.batch_size {self.train.batch_size} (global) must be divisible by dist.workers {self.dist.workers}"
+            )
+        if self.loss.method == "rcl" and self.train.batch_size // self.dist.workers < 1:
+            raise ConfigError("each worker needs at least one image per step")
         return self
 
     def to_dict(self) -> dict[str, Any]:
