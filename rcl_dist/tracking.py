@@ -541,9 +541,16 @@ class RunTracker:
                 )
         previous_status = run.info.status
         try:
-            resumed = int(run.data.tags.get("resumed_count", "0")) + 1
+            resumed = int(run.data.tags.get("resumed_count", "0"))
         except ValueError:
-            resumed = 1
+            resumed = 0
+        if not run.data.metrics:
+            # Nothing logged yet: the first attach to a run its driver created (or a restart that lost
+            # nothing). Not a resume: no tags, no count.
+            tracker = cls(client, run_id, run.info.experiment_id, uri, resumed_count=resumed)
+            client.update_run(run_id, status="RUNNING")
+            return tracker
+        resumed += 1
         tracker = cls(client, run_id, run.info.experiment_id, uri, resumed_count=resumed)
         client.update_run(run_id, status="RUNNING")
 

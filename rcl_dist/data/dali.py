@@ -1,0 +1,548 @@
+"""NVIDIA DALI input pipelines: manifest rows -> training batches for every task of :mod:`rcl_dist.data.spec`.
+
+One pipeline definition serves both devices: ``device_id=None`` builds a CPU-only graph (decoding and
+arithmetic on the CPU); an integer ``device_id`` (the *local* GPU index, under Ray
+``ray.train.torch.get_device().index``) decodes with the ``"mixed"`` backend and does the crops, the
+noise and the resizing on that GPU. Random *positions* are drawn on the CPU in both cases: DALI takes
+slice anchors as CPU argument inputs.
+
+What the pipelines produce is :class:`~rcl_dist.data.spec.PairSpec`'s contract; the decisions made here:
+
+* **Decoding.** ``fn.decoders.image(..., dtype=FLOAT)`` scales by the file's own maximum: 8-bit files
+  by 255 and 16-bit PNGs by 65535, with all 16 bits kept (checked in ``tests/test_dali.py``), so both
+  reach [0, 1] without knowing the bit depth. ``output_type=RGB`` turns grey, palette and RGBA files
+  into RGB (alpha dropped). For ``spec.gray``: when every selected row is a 1-channel file, DALI's GRAY
+  output (exact); otherwise RGB followed by the luminance weights of :mod:`rcl_dist.data.images`
+  (0.2125, 0.7154, 0.0721), so that training and evaluation see the same grey. DALI's own GRAY output of
+  an RGB file would use BT.601 weights instead.
+* **Integer crops.** Every crop is ``fn.slice`` with an absolute int32 anchor ``floor(u * n)`` (u
+  uniform, n the number of valid positions; for RAW the position index is doubled, so every anchor is
+  even and each crop starts on an R pixel of the image's RGGB lattice).
+* **Noise (Eq. 8)** ``x + sqrt(max(shot*x + read, 0)) * N(0, 1)``, the image's own (shot, read) looked
+  up from the reader's label (= row index) with ``fn.lookup_table``; its keys must lie in [0, 65535],
+  so bigger manifests are covered by several tables whose results are summed (a key outside a table
+  gives its default 0). ``fresh`` noise comes from ``fn.random.normal`` with the pipeline seed
+  ``spec.seed + spec.shard_id``.
+* **Fixed realisations** are read, not drawn: ``fn.readers.numpy`` over the files of
+  :func:`~rcl_dist.data.spec.simulated_path`, built with the same file list, seed and sharding as the
+  image reader. DALI readers shuffle the list once with a built-in seed and then draw from a buffer with
+  their own seed, so two such readers yield the same rows in the same order (checked by the tests:
+  noisy - clean is exactly the stored noise). Crops of the clean and the noisy image share one anchor,
+  taken within the smaller of the two shapes.
+* **Sharding and epochs.** ``fn.readers.file(..., shard_id, num_shards, random_shuffle=True,
+  pad_last_batch=True, name="Reader")`` and ``DALIGenericIterator(..., reader_name="Reader",
+  last_batch_policy=DROP)``. DALI splits N files into shards of floor/ceil(N/k) samples, and with
+  ``pad_last_batch`` it makes the number of *reader* batches equal across shards, which can append a
+  whole batch of one repeated sample to the smaller shard, while the iterator's DROP length is computed
+  from floor(N/k): when the two disagree, the iterator's epochs drift from the reader's and a batch of
+  duplicates comes out (seen with N=7, k=2, B=3). The file list is therefore padded here to a multiple of
+  k with up to k - 1 repeated rows (chosen with ``spec.seed``, identical on every rank): every shard then
+  holds exactly ceil(N/k) samples, every rank yields ``ceil(N/k) // batch_size`` batches per epoch, and
+  the last partial batch of each shard is dropped (different samples each epoch, since the shuffle
+  changes). Within an epoch the shards are disjoint apart from those padding repeats; shards rotate
+  between epochs (``stick_to_shard`` False), so every rank sees the whole split over k epochs.
+* **Missing files.** Files are checked when the pipeline is built: a vanished image is left out with a
+  warning naming it and counted in :attr:`DALILoader.skipped`; a missing fixed realisation is an error
+  that says to run ``rcl-dist data simulate``. A file that vanishes *during* an epoch makes DALI's reader
+  fail when it reaches that file (DALI cannot skip a sample, and the pipeline is invalid afterwards):
+  :class:`DALILoader` raises a RuntimeError naming the file, and raises again on any later use, rather
+  than yielding empty epochs; a training loop survives only by building a new loader, which then skips
+  the file. (A file DALI has already read ahead into its shuffle buffer, or still holds mapped, can go
+  on being served from memory: small data sets were seen to survive deletions.) Every rank checks the
+  files on its own: ranks built on either side of a file's vanishing would hold different lists, so a
+  caller that needs equal batch counts across ranks should compare ``len(loader)`` across ranks (e.g. an
+  all-reduce of the minimum).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from rcl_dist.data.spec import PairSpec, crop_geometry, simulated_path
+
+__all__ = ["build_pipeline", "DALILoader", "real_partner"]
+
+# fn.lookup_table accepts keys in [0, 65535]: bigger manifests use one table per block of rows.
+_LUT_BLOCK = 65536
+# rgb -> grey as skimage.color.rgb2gray, the conversion of rcl_dist.data.images.load_image(gray=True)
+_LUMA = (0.2125, 0.7154, 0.0721)
+_REQUIRED = ("path", "image_id", "width", "height", "split", "shot", "read")
+
+
+def real_partner(path: str) -> str:
+    """The clean partner of a real noisy photograph: ``*_real.*`` -> ``*_mean.*`` (last ``_real`` in the name)."""
+    p = Path(path)
+    stem = p.stem
+    i = stem.rfind("_real")
+    if i < 0:
+        raise ValueError(f"{path}: task 'real' needs files named *_real.* (clean partner *_mean.*)")
+    return str(p.with_name(stem[:i] + "_mean" + stem[i + len("_real") :] + p.suffix))
+
+
+# --------------------------------------------------------------------------------------------------
+# What a pipeline reads: rows, files, per-row parameters (pure Python, no DALI)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    rows: pa.Table  # usable rows; a sample's label is its row number here
+    images: list[str] | None  # decoded image per label (None: not read)
+    partners: list[str] | None  # task "real": the *_mean file per label
+    noisy: list[list[str]]  # fixed realisations per label: one list per realisation index
+    shot: np.ndarray
+    read: np.ndarray
+    order: list[int]  # labels in reader order, padded to a multiple of num_shards
+    gray_decode: bool  # decode straight to GRAY (every selected file is 1-channel)
+    per_shard: int  # samples per shard and epoch (padding repeats included)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _read_manifest(manifest: pa.Table | str | os.PathLike) -> pa.Table:
+    table = manifest if isinstance(manifest, pa.Table) else pq.read_table(os.fspath(manifest))
+    missing = [c for c in _REQUIRED if c not in table.column_names]
+    if missing:
+        raise ValueError(f"manifest lacks column(s) {missing}; expected the columns of spec.MANIFEST_SCHEMA")
+    return table
+
+
+def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir: str | os.PathLike | None) -> _Plan:
+    table = _read_manifest(manifest)
+    if spec.split is not None:
+        table = table.filter(pc.equal(table["split"], spec.split))
+    if table.num_rows == 0:
+        raise ValueError(f"manifest has no rows of split {spec.split!r}")
+
+    # small-image rule (spec.py): leave out, warn with the count; none left is an error
+    need = spec.min_side
+    side = pc.min_element_wise(table["width"], table["height"])
+    big = pc.greater_equal(side, need)
+    n_small = table.num_rows - int(pc.sum(big).as_py() or 0)
+    if n_small == table.num_rows:
+        i = int(pc.index(side, pc.max(side)).as_py())
+        raise ValueError(
+            f"no image of split {spec.split!r} is at least {need}x{need} (crop {spec.crop}"
+            f"{f', parent crop {need}' if spec.task == 'pretrain' else ''}); the largest is "
+            f"{table['width'][i].as_py()}x{table['height'][i].as_py()} ({table['path'][i].as_py()})"
+        )
+    if n_small:
+        warnings.warn(
+            f"{n_small} of {table.num_rows} images of split {spec.split!r} are smaller than {need}x{need} "
+            f"and are left out", stacklevel=3
+        )
+        table = table.filter(big)
+
+    fixed = spec.realisation == "fixed" and spec.task in ("pretrain", "n2n", "denoise", "jdd")
+    if spec.realisation == "fixed" and spec.task == "jdensr":
+        raise ValueError(
+            "task 'jdensr' adds noise to the LR image; a stored realisation is of the full-size image, and "
+            "downscaling it would change the noise level: use realisation='fresh'"
+        )
+    reads_image = not (fixed and spec.task in ("pretrain", "n2n"))
+    n_realisations = 2 if spec.task == "n2n" else 1
+
+    paths = table["path"].to_pylist()
+    keep = np.ones(len(paths), dtype=bool)
+    skipped: list[str] = []
+    partners = None
+    if reads_image:
+        for i, p in enumerate(paths):
+            if not os.path.isfile(p):
+                keep[i] = False
+                skipped.append(p)
+        if spec.task == "real":
+            partners = [real_partner(p) for p in paths]
+            for i, q in enumerate(partners):
+                if keep[i] and not os.path.isfile(q):
+                    keep[i] = False
+                    skipped.append(q)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(
+            f"{len(skipped)} file(s) listed in the manifest no longer exist and are skipped: {shown}", stacklevel=3
+        )
+        table = table.filter(pa.array(keep))
+        paths = [p for p, k in zip(paths, keep) if k]
+        if partners is not None:
+            partners = [q for q, k in zip(partners, keep) if k]
+    if table.num_rows == 0:
+        raise ValueError(f"no image file of split {spec.split!r} is left to read ({len(skipped)} vanished)")
+
+    noisy: list[list[str]] = []
+    if fixed:
+        if simulated_dir is None:
+            raise ValueError("realisation='fixed' needs simulated_dir (the --out folder of `rcl-dist data simulate`)")
+        raw = spec.raw is not None
+        ids = table["image_id"].to_pylist()
+        for index in range(n_realisations):
+            files = [str(simulated_path(simulated_dir, i, raw=raw, index=index)) for i in ids]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                flags = (" --raw" if raw else "") + (" --pairs" if index else "")
+                raise FileNotFoundError(
+                    f"{len(missing)} fixed noisy realisation(s) missing, e.g. {missing[0]}: run "
+                    f"`rcl-dist data simulate --manifest MANIFEST --out {simulated_dir}{flags}` first"
+                )
+            noisy.append(files)
+        _check_simulated_channels(noisy[0][0], 1 if (raw or spec.gray) else 3)
+
+    n = table.num_rows
+    k = spec.num_shards
+    per_shard = math.ceil(n / k)
+    if per_shard < spec.batch_size:
+        raise ValueError(
+            f"{n} usable images of split {spec.split!r} give {per_shard} per shard ({k} shard(s)), fewer than "
+            f"the batch size {spec.batch_size}: no full batch per epoch"
+        )
+    # pad to a multiple of num_shards (module docstring: keeps DALI's reader and iterator epochs in step)
+    pad = per_shard * k - n
+    extra = np.random.default_rng(spec.seed).choice(n, size=pad, replace=pad > n).tolist() if pad else []
+    gray_decode = bool(spec.gray) and "channels" in table.column_names and all(
+        c == 1 for c in table["channels"].to_pylist()
+    )
+    return _Plan(
+        rows=table,
+        images=paths if reads_image else None,
+        partners=partners,
+        noisy=noisy,
+        shot=table["shot"].to_numpy(zero_copy_only=False).astype(np.float64),
+        read=table["read"].to_numpy(zero_copy_only=False).astype(np.float64),
+        order=list(range(n)) + extra,
+        gray_decode=gray_decode,
+        per_shard=per_shard,
+        skipped=skipped,
+    )
+
+
+def _check_simulated_channels(path: str, channels: int) -> None:
+    # only the first file's header: reading every header would touch each file twice per build
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 3 or arr.shape[-1] != channels or arr.dtype != np.float32:
+        raise ValueError(
+            f"{path}: expected a float32 HWC array with {channels} channel(s), got {arr.dtype} {arr.shape}; "
+            f"re-run `rcl-dist data simulate` with the options of this run"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The DALI graph
+# --------------------------------------------------------------------------------------------------
+
+
+def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
+    """The body of the pipeline (called inside ``@pipeline_def``); returns the outputs in ``spec.keys`` order."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    c, s_task = spec.crop, spec.task
+    raw = spec.raw is not None
+    fixed = bool(plan.noisy)
+    order = plan.order
+    reader_args = dict(
+        shard_id=spec.shard_id,
+        num_shards=spec.num_shards,
+        random_shuffle=True,
+        seed=spec.seed,  # the same on every rank and in every reader of this pipeline: they stay in step
+        pad_last_batch=True,
+    )
+
+    def to_dev(x):
+        return x.gpu() if gpu else x
+
+    def const(a: np.ndarray):
+        return types.Constant(np.ascontiguousarray(a, dtype=np.float32), device="gpu" if gpu else "cpu")
+
+    def image_reader(files: list[str], name: str | None):
+        enc, label = fn.readers.file(files=[files[i] for i in order], labels=order, name=name, **reader_args)
+        return enc, fn.squeeze(label, axes=[0])  # [1] -> scalar row index
+
+    def numpy_reader(files: list[str], name: str | None):
+        return fn.readers.numpy(files=[files[i] for i in order], name=name, **reader_args)
+
+    def decode(enc):
+        gray_out = spec.gray and plan.gray_decode
+        img = fn.decoders.image(
+            enc,
+            device="mixed" if gpu else "cpu",
+            output_type=types.GRAY if gray_out else types.RGB,
+            dtype=types.FLOAT,  # [0, 1]: /255 for 8-bit, /65535 for 16-bit files
+        )
+        if spec.gray and not gray_out:
+            img = fn.reductions.sum(img * const(np.array(_LUMA)), axes=[2], keep_dims=True)
+        return img
+
+    def hw_of_encoded(enc):
+        return fn.peek_image_shape(enc, dtype=types.FLOAT)[0:2]
+
+    def hw_of_array(arr):
+        return arr.shape(dtype=types.FLOAT)[0:2]
+
+    def position(n):
+        """[2] random integers in [0, n) per axis (n: a [2] node or a Python int)."""
+        u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        return dmath.min(dmath.floor(u * n), n - 1)  # min: u may round up to 1.0 in float32
+
+    def anchor(hw, size: int, even: bool):
+        """int32 [y, x] top-left corner of a size x size window inside hw, even for RAW."""
+        room = hw - float(size)  # last valid position per axis
+        a = position(dmath.floor(room / 2.0) + 1.0) * 2.0 if even else position(room + 1.0)
+        return fn.cast(a, dtype=types.INT32)
+
+    def offset(max_shift: int, even: bool):
+        """int32 [dy, dx] in [0, max_shift] per axis (even steps for RAW; max_shift is then even)."""
+        a = position(max_shift // 2 + 1) * 2.0 if even else position(max_shift + 1)
+        return fn.cast(a, dtype=types.INT32)
+
+    def crop(x, start, size: int):
+        return fn.slice(x, start=start, shape=[size, size], axes=[0, 1])
+
+    def mosaic(rgb, size: int):
+        """[size, size, 3] -> [size, size, 1] RGGB (rcl_dist.noise.mosaic): per-colour masks, summed over C."""
+        m = np.zeros((size, size, 3), dtype=np.float32)
+        m[0::2, 0::2, 0] = 1.0  # R
+        m[0::2, 1::2, 1] = 1.0  # G on the red rows
+        m[1::2, 0::2, 1] = 1.0  # G on the blue rows
+        m[1::2, 1::2, 2] = 1.0  # B
+        return fn.reductions.sum(rgb * const(m), axes=[2], keep_dims=True)
+
+    shot = read = None
+
+    def noise_params(label):
+        nonlocal shot, read
+        if shot is None:
+            shot, read = to_dev(_lookup(fn, types, label, plan.shot)), to_dev(_lookup(fn, types, label, plan.read))
+        return shot, read
+
+    def add_noise(x, label):
+        """Eq. 8: x + sqrt(max(shot*x + read, 0)) * N(0, 1) with the image's own (shot, read)."""
+        sh, rd = noise_params(label)
+        eps = fn.random.normal(x, device="gpu" if gpu else "cpu")  # same shape as x, new draw per call
+        return x + dmath.sqrt(dmath.max(sh * x + rd, 0.0)) * eps
+
+    def out(x):
+        """HWC -> CHW; a 1-channel mosaic becomes the packed planes (R, G_r, G_b, B) when asked."""
+        if raw and spec.raw == "packed":
+            h = w = c // 2
+            x = fn.reshape(x, shape=[h, 2, w, 2], layout="")  # [y, dy, x, dx]
+            x = fn.transpose(x, perm=[1, 3, 0, 2])  # [dy, dx, y, x]
+            return fn.reshape(x, shape=[4, h, w], layout="CHW")  # plane dy*2+dx: R, G_r, G_b, B
+        return fn.transpose(x, perm=[2, 0, 1])
+
+    label = None
+    if s_task == "pretrain":
+        max_shift, parent_side = crop_geometry(c, spec.overlap, even=raw)
+        if fixed:
+            arr = numpy_reader(plan.noisy[0], "Reader")
+            parent = to_dev(crop(arr, anchor(hw_of_array(arr), parent_side, raw), parent_side))
+        else:
+            enc, label = image_reader(plan.images, "Reader")
+            img = decode(enc)
+            parent = crop(img, anchor(hw_of_encoded(enc), parent_side, raw), parent_side)
+            if raw:
+                parent = mosaic(parent, parent_side)  # before the noise: noise lives in the RAW domain
+            parent = add_noise(parent, label)  # once: both crops share one realisation
+        q = crop(parent, offset(max_shift, raw), c)
+        k = crop(parent, offset(max_shift, raw), c)
+        outs = [out(q), out(k)]
+    elif s_task == "n2n":
+        if fixed:
+            a0 = numpy_reader(plan.noisy[0], "Reader")
+            a1 = numpy_reader(plan.noisy[1], None)
+            at = anchor(dmath.min(hw_of_array(a0), hw_of_array(a1)), c, False)
+            outs = [out(to_dev(crop(a0, at, c))), out(to_dev(crop(a1, at, c)))]
+        else:
+            enc, label = image_reader(plan.images, "Reader")
+            clean = crop(decode(enc), anchor(hw_of_encoded(enc), c, False), c)
+            outs = [out(add_noise(clean, label)), out(add_noise(clean, label))]
+    elif s_task in ("denoise", "jdd"):
+        even = s_task == "jdd"
+        enc, label = image_reader(plan.images, "Reader")
+        hw = hw_of_encoded(enc)
+        if fixed:
+            arr = numpy_reader(plan.noisy[0], None)
+            at = anchor(dmath.min(hw, hw_of_array(arr)), c, even)
+            noisy = to_dev(crop(arr, at, c))
+            clean = crop(decode(enc), at, c)
+        else:
+            clean = crop(decode(enc), anchor(hw, c, even), c)
+            noisy = add_noise(mosaic(clean, c) if even else clean, label)
+        outs = [out(noisy), fn.transpose(clean, perm=[2, 0, 1])]
+    elif s_task in ("sr", "jdensr"):
+        enc, label = image_reader(plan.images, "Reader")
+        hr = crop(decode(enc), anchor(hw_of_encoded(enc), c, False), c)
+        lr_side = c // spec.scale
+        lr = fn.resize(hr, size=[lr_side, lr_side], interp_type=types.INTERP_CUBIC, antialias=True)
+        if s_task == "jdensr":
+            lr = add_noise(lr, label)
+        outs = [out(lr), out(hr)]
+    elif s_task == "real":
+        enc, label = image_reader(plan.images, "Reader")
+        enc_mean, _ = image_reader(plan.partners, None)
+        at = anchor(dmath.min(hw_of_encoded(enc), hw_of_encoded(enc_mean)), c, False)  # one position for both
+        outs = [out(crop(decode(enc), at, c)), out(crop(decode(enc_mean), at, c))]
+    else:  # PairSpec validates the task
+        raise AssertionError(s_task)
+
+    if return_index:
+        if label is None:  # fixed pretrain / n2n read no image: a file reader of the same list gives the labels
+            _, label = image_reader(plan.noisy[0], None)
+        outs.append(label)
+    return tuple(outs)
+
+
+def _lookup(fn, types, label, values: np.ndarray):
+    """Per-sample float ``values[label]`` (lookup tables of at most _LUT_BLOCK keys, summed)."""
+    total = None
+    for start in range(0, len(values), _LUT_BLOCK):
+        block = values[start : start + _LUT_BLOCK]
+        key = label - start if start else label  # out of this block's range -> default 0
+        v = fn.lookup_table(
+            key, keys=list(range(len(block))), values=[float(x) for x in block], default_value=0.0, dtype=types.FLOAT
+        )
+        total = v if total is None else total + v
+    return total
+
+
+def _dali_cause(message: str) -> str:
+    """The line of a DALI pipeline error that says what went wrong (e.g. "File mapping failed: PATH")."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        rest = lines[lines.index("encountered:") + 1 :]
+        if rest:
+            return rest[0]
+    return lines[-1] if lines else "unknown error"
+
+
+def _output_names(spec: PairSpec, return_index: bool) -> list[str]:
+    return [*spec.keys, *(["index"] if return_index else [])]
+
+
+def _build(plan: _Plan, spec: PairSpec, device_id: int | None, num_threads: int, prefetch: int, return_index: bool):
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def
+    def rcl_pipeline():
+        return _graph(plan, spec, device_id is not None, return_index)
+
+    pipe = rcl_pipeline(
+        batch_size=spec.batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=spec.seed + spec.shard_id,  # fresh noise and positions differ between ranks
+        prefetch_queue_depth=prefetch,
+    )
+    pipe.build()
+    return pipe
+
+
+def build_pipeline(
+    manifest: pa.Table | str | os.PathLike,
+    spec: PairSpec,
+    *,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    simulated_dir: str | os.PathLike | None = None,
+    prefetch: int = 2,
+    return_index: bool = False,
+):
+    """The built DALI pipeline of ``spec`` over the manifest (a pyarrow Table or a parquet path).
+
+    Outputs, in order: ``spec.keys`` as float32 CHW samples, then (``return_index``) the int32 row
+    index of each sample into the usable rows (:attr:`DALILoader.rows`). ``device_id``: None for a
+    CPU-only pipeline, else the local GPU index. ``simulated_dir``: the folder of fixed realisations
+    (needed for ``realisation="fixed"``). Its reader is named ``"Reader"``.
+    """
+    plan = _plan(manifest, spec, simulated_dir)
+    return _build(plan, spec, device_id, num_threads, prefetch, return_index)
+
+
+class DALILoader:
+    """Iterable of batches ``{key: float32 tensor [B, C, H, W]}`` (keys ``spec.keys``; with
+    ``return_index`` also ``"index"``: int64 [B] rows of :attr:`rows`), one epoch per ``for`` loop.
+
+    ``len()`` is the number of batches per epoch, the same on every rank (module docstring). Tensors are
+    on the CPU for ``device_id=None``, else on that GPU. Breaking out of an epoch early leaves the rest of
+    it for the next loop: DALI's iterator cannot restart an epoch halfway.
+    """
+
+    def __init__(
+        self,
+        manifest: pa.Table | str | os.PathLike,
+        spec: PairSpec,
+        *,
+        device_id: int | None = None,
+        num_threads: int = 2,
+        simulated_dir: str | os.PathLike | None = None,
+        prefetch: int = 2,
+        return_index: bool = False,
+    ) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.spec = spec
+        self._plan = _plan(manifest, spec, simulated_dir)
+        self.pipeline = _build(self._plan, spec, device_id, num_threads, prefetch, return_index)
+        self._names = _output_names(spec, return_index)
+        self._failed: str | None = None
+        self._iter = DALIGenericIterator(
+            [self.pipeline],
+            self._names,
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=True,
+        )
+
+    @property
+    def rows(self) -> pa.Table:
+        """The manifest rows this loader reads; ``batch["index"]`` indexes them."""
+        return self._plan.rows
+
+    @property
+    def skipped(self) -> int:
+        """How many listed files had vanished when the loader was built (left out with a warning)."""
+        return len(self._plan.skipped)
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        return list(self._plan.skipped)
+
+    @property
+    def samples_per_shard(self) -> int:
+        """Samples in this rank's shard per epoch, padding repeats included (before dropping the last partial batch)."""
+        return self._plan.per_shard
+
+    def __len__(self) -> int:
+        return len(self._iter)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._failed is not None:
+            raise RuntimeError(f"this DALILoader's pipeline failed earlier ({self._failed}); build a new one")
+        try:
+            for batch in self._iter:
+                b = batch[0]
+                if "index" in b:
+                    b["index"] = b["index"].reshape(-1).long()
+                yield b
+        except RuntimeError as e:
+            # DALI invalidates the pipeline after an operator error; its iterator would then yield empty
+            # epochs without a word, so every later use raises instead
+            self._failed = _dali_cause(str(e))
+            raise RuntimeError(
+                f"DALI pipeline failed mid-epoch: {self._failed}. A file that vanished or changed after the loader "
+                f"was built cannot be skipped by DALI's reader; build a new DALILoader (it re-checks the files and "
+                f"leaves out missing ones)"
+            ) from e
+
+    def reset(self) -> None:
+        self._iter.reset()

@@ -1,0 +1,197 @@
+"""Start a distributed pre-training run: Ray (local or cluster), manifest, MLflow run, TorchTrainer.
+
+``run_pretrain(cfg)`` is what ``rcl-dist pretrain`` and ``pipelines/pretrain.py`` call. The MLflow run
+is created here, by the driver, before any worker starts: a worker that dies and restarts (or a run
+resumed with ``--resume``) logs into the same run, so the experiment never holds duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rcl_dist.config import Config, ConfigError
+
+__all__ = ["run_pretrain", "ensure_ray", "rcl_home", "ensure_manifest", "PretrainResult"]
+
+RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id and the manifest used
+
+
+def rcl_home() -> Path:
+    """``$RCL_DIST_HOME`` (default ``~/.rcl_dist``): local MLflow store, manifests, Ray results."""
+    return Path(os.environ.get("RCL_DIST_HOME", Path.home() / ".rcl_dist")).expanduser()
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up`` started on this node);
+    otherwise start a local Ray bound to 127.0.0.1 without the dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return
+    except (ConnectionError, RuntimeError, ValueError):
+        pass
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
+    )
+
+
+def _write_bundled(folder: Path, tile_size: int, gray: bool) -> Path:
+    """The photographs bundled with scikit-image as 8-bit PNG tiles (each tile its own image)."""
+    from skimage import io
+
+    from rcl_dist.data.images import bundled_images, tile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = bundled_images(gray=gray)
+    if tile_size:
+        images = tile(images, tile_size)
+    for i, img in enumerate(images):
+        path = folder / f"bundled_{i:03d}.png"
+        if not path.exists():
+            arr = (img.transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+            io.imsave(path, arr[..., 0] if gray else arr, check_contrast=False)
+    return folder
+
+
+def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """``data.manifest`` if given, else an index of ``data.source`` under $RCL_DIST_HOME/manifests."""
+    if cfg.data.manifest:
+        path = Path(cfg.data.manifest)
+        if not path.is_file():
+            raise ConfigError(f"data.manifest: {path} does not exist (create it with `rcl-dist data index`)")
+        return path
+    from rcl_dist.data.images import shared_data_dir
+    from rcl_dist.data.manifest import index_images
+
+    src = cfg.data.source
+    gray = cfg.model.in_channels == 1
+    if src == "bundled":
+        folder = _write_bundled(rcl_home() / "data" / f"bundled_t{cfg.data.tile}{'_gray' if gray else ''}", cfg.data.tile, gray)
+    elif src.startswith("shared:"):
+        root = shared_data_dir()
+        if root is None:
+            raise ConfigError(f"data.source={src!r}: no shared/data folder here (set RCL_DIST_DATA)")
+        folder = root / src.split(":", 1)[1]
+    else:
+        folder = Path(src)
+    if not folder.is_dir():
+        raise ConfigError(f"data.source: {folder} is not a folder")
+    out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler == "uniform" else None
+    index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options, log=log)
+    return out
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    storage_path: str
+    metrics: dict[str, Any] | None
+    checkpoint_path: str | None
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+
+
+def run_pretrain(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    log: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
+) -> PretrainResult:
+    """Pre-train with ``cfg.dist.workers`` Ray Train workers; ``resume`` continues ``dist.run_name``.
+
+    ``env``: extra environment variables for the workers (tests use it for the fault hook).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rcl_dist.train.pretrain import train_func_per_worker
+
+    storage = Path(cfg.dist.storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    if resume and not cfg.dist.run_name:
+        raise ConfigError("--resume needs dist.run_name: the run to continue")
+    name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
+    run_dir = storage / name
+    state_file = run_dir / RUN_STATE
+    if resume and not state_file.is_file():
+        raise ConfigError(f"--resume: no run {name!r} under {storage} (missing {state_file})")
+    if not resume and run_dir.exists():
+        raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
+
+    tracker = None
+    if resume:
+        state = json.loads(state_file.read_text())
+        manifest, run_id, uri = Path(state["manifest"]), state["mlflow_run_id"], state["tracking_uri"]
+        if run_id is not None:
+            from rcl_dist.tracking import RunTracker
+
+            tracker = RunTracker.start(uri, cfg.tracking.experiment, None, None, run_id=run_id)
+    else:
+        manifest = ensure_manifest(cfg, log)
+        run_id, uri = None, None
+        if cfg.tracking.enabled:
+            from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+
+            uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+            tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
+            run_id = tracker.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
+
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
+    simulated = cfg.data.simulated_dir or (str(manifest.with_suffix("")) + "_simulated")
+    trainer = TorchTrainer(
+        train_func_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "manifest": str(manifest),
+            "simulated_dir": simulated,
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.dist.workers,
+            use_gpu=cfg.dist.use_gpu,
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return PretrainResult(name, str(storage), result.metrics, ckpt, run_id, uri, time.perf_counter() - t0)

@@ -1,0 +1,308 @@
+"""The Ray Train worker loop of RCL pre-training: ``train_func_per_worker(loop_config)``.
+
+Every worker (DDP rank) builds its own input pipeline shard, the model and the objective, and runs
+Adam on Eq. 6 with the negatives of every worker gathered with gradients (``dist.negatives``).
+Rank 0 writes checkpoints and logs to MLflow; all ranks call ``ray.train.report`` at the same steps.
+
+Phases: 1 set-up, 2 data, 3 model and objective, 4 resume, 5 the loop, 6 the end of the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rcl_dist import dist as rdist
+from rcl_dist.config import Config
+from rcl_dist.data.spec import PairSpec
+from rcl_dist.losses.contrastive import pair_distance_stats
+from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
+
+__all__ = ["train_func_per_worker", "FAULT_ENV", "METHOD_TASK", "DDPRestorer"]
+
+# Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
+FAULT_ENV = "RCL_DIST_FAULT"
+CHECKPOINT_FILE = "state.pt"
+# The pipeline task that feeds each pre-training method.
+METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "supervised": "denoise"}
+
+
+class DDPRestorer(nn.Module):
+    """Calls go through the DDP wrapper (gradient sync); residual/restore use the inner model's rules."""
+
+    def __init__(self, ddp: nn.Module, inner: nn.Module) -> None:
+        super().__init__()
+        self.ddp, self.inner = ddp, inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ddp(x)
+
+    def residual(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.residual(x, self(x) if output is None else output)
+
+    def restore(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.restore(x, self(x) if output is None else output)
+
+
+def _maybe_fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    f_rank, f_step, marker = spec.split(":", 2)
+    if rank == int(f_rank) and step == int(f_step) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no exception handler runs
+
+
+def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: torch.device):
+    """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
+    raw = cfg.model.raw
+    spec = PairSpec(
+        task=METHOD_TASK[cfg.loss.method],
+        crop=cfg.data.crop,
+        overlap=cfg.data.overlap,
+        raw=raw if METHOD_TASK[cfg.loss.method] == "pretrain" else None,
+        realisation=cfg.data.realisation,
+        batch_size=cfg.train.batch_size // world,
+        seed=cfg.train.seed,
+        shard_id=rank,
+        num_shards=world,
+        split=cfg.data.split,
+        gray=cfg.model.in_channels == 1,
+    )
+    manifest, simulated = loop_config["manifest"], loop_config.get("simulated_dir")
+    if cfg.data.engine == "dali":
+        from rcl_dist.data.dali import DALILoader
+
+        device_id = device.index if device.type == "cuda" else None
+        return DALILoader(manifest, spec, device_id=device_id, num_threads=max(1, cfg.data.threads), simulated_dir=simulated)
+    from rcl_dist.data.reference import make_loader
+
+    return make_loader(manifest, spec, num_workers=cfg.data.threads, simulated_dir=simulated)
+
+
+class _Batches:
+    """Endless iteration over epochs with a data position (epoch, batch in epoch) for checkpoints."""
+
+    def __init__(self, loader, epoch: int = 0, skip: int = 0) -> None:
+        self.loader, self.epoch, self.index = loader, epoch, 0
+        self._it = self._start()
+        for _ in range(skip):
+            self.next()
+
+    def _start(self):
+        for obj in (self.loader, getattr(self.loader, "sampler", None), getattr(self.loader, "dataset", None)):
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+        return iter(self.loader)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._it = self._start()
+            batch = next(self._it)
+        self.index += 1
+        return batch
+
+
+@torch.no_grad()
+def _distance_matrix(model: nn.Module, objective: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """[B, B] distances between the eval batch's first and second crops (the paper's Fig. 2 input)."""
+    contrastive = getattr(objective, "contrastive", None)
+    if contrastive is None or "q" not in batch:
+        return None
+    s_q, s_k = contrastive.sketch(model.residual(batch["q"])), contrastive.sketch(model.residual(batch["k"]))
+    return contrastive.distance_matrix(s_q, s_k).float().cpu()
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def train_func_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    # 1. set-up: config, rank, device, seeds
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_flush_denormal(True)  # see train/local.py: subnormals stall CPU convolutions
+    torch.manual_seed(cfg.train.seed + rank)
+    gpu = device.type == "cuda"
+
+    # 2. data: this rank's shard, batch = global batch / world size
+    loader = _pipeline(cfg, loop_config, rank, world, device)
+
+    # 3. model, objective, optimiser
+    inner = build_model_from_config(cfg).to(device)
+    if gpu and cfg.dist.channels_last:
+        inner = inner.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(cfg.train.seed + rank)
+    consistency = build_consistency_from_config(cfg) if cfg.loss.method in ("rcl", "consistency") else None
+    if consistency is not None:
+        consistency = consistency.to(device)
+    objective = build_objective_from_config(cfg, consistency, gen).to(device)
+    opt = torch.optim.Adam(
+        inner.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps
+    )
+    queue: deque[torch.Tensor] = deque(maxlen=max(cfg.dist.queue_size, 1))
+
+    # 4. resume from the latest checkpoint (after a failure, or `--resume`)
+    step, epoch, batch_in_epoch, restarts, skipped = 0, 0, 0, 0, 0
+    dist_init: torch.Tensor | None = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            # weights_only: a checkpoint holds tensors and plain containers, never pickled objects
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        inner.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        restarts, skipped = state["restarts"] + 1, state["skipped_nonfinite"]
+        dist_init = state["dist_init"] if state["dist_init"].numel() else None
+        queue.extend(state["queue"].to(device).unbind(0) if state["queue"].numel() else [])
+    model: nn.Module = inner
+    if world > 1:
+        model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
+    if cfg.dist.compile:
+        model.forward = torch.compile(model.forward)
+    batches = _Batches(loader, epoch, batch_in_epoch)
+
+    tracker = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from rcl_dist.tracking import RunTracker
+
+        # the driver created the run; after a restart this reopens it (same run, tagged as a resume)
+        # and its per-metric step marks keep steps logged before the crash from being logged twice
+        tracker = RunTracker.start(
+            loop_config["tracking_uri"], cfg.tracking.experiment, None, None,
+            run_id=loop_config["mlflow_run_id"], resume_step=step if ckpt is not None else None,
+        )
+
+    eval_batch = {k: v.to(device) for k, v in batches.next().items()}  # fixed batch for Fig. 2 and samples
+    if step == 0:
+        dist_init = _distance_matrix(inner, objective, eval_batch)
+    key_gather = rdist.make_key_gather() if cfg.dist.negatives != "local" else None
+    use_queue = cfg.dist.negatives == "global+queue"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu and cfg.dist.bf16)
+    global_batch = cfg.train.batch_size
+    bad_in_a_row, t_window, wait_window, n_window = 0, 0.0, 0.0, 0
+    t_start, start_step = time.perf_counter(), step
+    model.train()
+
+    # 5. the loop
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batches.next().items()}
+        t_data = time.perf_counter() - t0
+        _maybe_fault(rank, step + 1)
+        for g in opt.param_groups:
+            g["lr"] = cfg.train.lr * _lr_factor(cfg.train.schedule, step, cfg.train.steps)
+        with autocast:
+            if cfg.loss.method == "rcl":
+                extra = torch.cat(list(queue)) if use_queue and queue else None
+                out = objective(model, batch, extra_negatives=extra, key_gather=key_gather, world_size=world if key_gather else 1)
+            else:
+                out = objective(model, batch)
+        loss = out["loss"]
+        # all ranks agree on skipping: a non-finite loss anywhere skips the step everywhere
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
+        if rdist.is_distributed():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        opt.zero_grad(set_to_none=True)
+        if finite.item() < 1.0:
+            skipped += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= cfg.train.nonfinite_limit:
+                raise RuntimeError(
+                    f"{bad_in_a_row} non-finite losses in a row at step {step + 1} (train.nonfinite_limit="
+                    f"{cfg.train.nonfinite_limit}); the last good checkpoint is kept: lower train.lr or set "
+                    "train.grad_clip, then resume"
+                )
+        else:
+            bad_in_a_row = 0
+            loss.backward()
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.train.grad_clip)
+            opt.step()
+            if use_queue:
+                queue.append(rdist.gather_with_grad(out["sketch_k"].float()).detach())
+        step += 1
+        dt = time.perf_counter() - t0
+        t_window, wait_window, n_window = t_window + dt, wait_window + t_data, n_window + 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.dist.checkpoint_every == 0:
+            values = {k: float(v.detach().float()) for k, v in out.items() if v.dim() == 0}
+            metrics = rdist.all_reduce_mean(values, device=device)
+            metrics.update(
+                samples_per_s=global_batch * n_window / t_window,
+                data_wait_fraction=wait_window / t_window,
+                lr=opt.param_groups[0]["lr"],
+                skipped_nonfinite=float(skipped),
+                restarts=float(restarts),
+                epoch=float(batches.epoch),
+                step=float(step),
+            )
+            t_window, wait_window, n_window = 0.0, 0.0, 0
+            if rank == 0:
+                eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (cfg.train.steps - step)
+                print(
+                    f"[rcl-dist] step {step}/{cfg.train.steps}  loss {metrics['loss']:.4g}"
+                    + (f"  contrast {metrics['contrast']:.4g}" if "contrast" in metrics else "")
+                    + (f"  consistency {metrics['consistency']:.4g}" if "consistency" in metrics else "")
+                    + f"  {metrics['samples_per_s']:.1f} samples/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
+                    + f"  ETA {eta:.0f} s",
+                    flush=True,
+                )
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step=step)
+            checkpoint = None
+            with tempfile.TemporaryDirectory() as tmp:
+                if step % cfg.dist.checkpoint_every == 0 or step == cfg.train.steps:
+                    if rank == 0:
+                        torch.save(
+                            {
+                                "model": inner.state_dict(),
+                                "optimizer": opt.state_dict(),
+                                "step": step,
+                                "epoch": batches.epoch,
+                                "batch_in_epoch": batches.index,
+                                "restarts": restarts,
+                                "skipped_nonfinite": skipped,
+                                "dist_init": dist_init if dist_init is not None else torch.empty(0),
+                                "queue": torch.cat(list(queue)).cpu() if queue else torch.empty(0),
+                                "config": loop_config["config"],
+                            },
+                            Path(tmp) / CHECKPOINT_FILE,
+                        )
+                        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+
+    # 6. the end: Fig. 2 density, sample images, system info (rank 0)
+    if tracker is not None:
+        model.eval()
+        from rcl_dist.tracking import pos_neg_from_distance_matrix
+
+        dist_final = _distance_matrix(inner, objective, eval_batch)
+        if dist_init is not None and dist_final is not None:
+            tracker.log_emd_density_plot(*pos_neg_from_distance_matrix(dist_init), *pos_neg_from_distance_matrix(dist_final))
+        x = eval_batch.get("q", eval_batch.get("input", eval_batch.get("noisy")))[:8]
+        with torch.no_grad():
+            y = inner(x)
+            tracker.log_image_grid(
+                "samples", {"input": x, "output": inner.restore(x, y), "residual": inner.residual(x, y)}, step
+            )
+        tracker.log_system_info()
