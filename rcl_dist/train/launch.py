@@ -29,8 +29,14 @@ def rcl_home() -> Path:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up`` started on this node);
-    otherwise start a local Ray bound to 127.0.0.1 without the dashboard."""
+    """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up``/``ray start`` runs on
+    this node); otherwise start a local Ray whose servers all listen on 127.0.0.1 only.
+
+    Ray resolves a node address of 127.0.0.1 to the machine's routable address and binds its servers
+    there (``_node_ip_address`` cannot change that); its single-machine mode, selected with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, uses the loopback address instead. The variable is set for
+    the processes Ray starts, and the constant Ray read at import is set for this one.
+    """
     import ray
 
     if ray.is_initialized():
@@ -39,17 +45,23 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto")
         return
     except (ConnectionError, RuntimeError, ValueError):
         pass
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
     )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        raise RuntimeError(f"local Ray started on {node_ip}, not on loopback 127.0.0.1")
 
 
 def _write_bundled(folder: Path, tile_size: int, gray: bool) -> Path:

@@ -24,10 +24,9 @@ import torch.nn as nn
 from rcl_dist import dist as rdist
 from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
-from rcl_dist.losses.contrastive import pair_distance_stats
 from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
 
-__all__ = ["train_func_per_worker", "FAULT_ENV", "METHOD_TASK", "DDPRestorer"]
+__all__ = ["train_func_per_worker", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
@@ -126,6 +125,30 @@ def _distance_matrix(model: nn.Module, objective: nn.Module, batch: dict[str, to
     return contrastive.distance_matrix(s_q, s_k).float().cpu()
 
 
+class NonFiniteGuard:
+    """Skip steps whose loss is not finite; stop after ``limit`` in a row with a clear error.
+
+    ``check(finite, step)`` returns True when the step must be skipped. The error leaves the run's
+    last good checkpoint in place (Ray keeps it), from which ``--resume`` continues.
+    """
+
+    def __init__(self, limit: int, skipped: int = 0) -> None:
+        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+
+    def check(self, finite: bool, step: int) -> bool:
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(
+                f"{self.in_a_row} non-finite losses in a row at step {step} (train.nonfinite_limit={self.limit}); "
+                "the last good checkpoint is kept: lower train.lr or set train.grad_clip, then resume"
+            )
+        return True
+
+
 def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
@@ -199,7 +222,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     use_queue = cfg.dist.negatives == "global+queue"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu and cfg.dist.bf16)
     global_batch = cfg.train.batch_size
-    bad_in_a_row, t_window, wait_window, n_window = 0, 0.0, 0.0, 0
+    guard = NonFiniteGuard(cfg.train.nonfinite_limit, skipped)
+    t_window, wait_window, n_window = 0.0, 0.0, 0
     t_start, start_step = time.perf_counter(), step
     model.train()
 
@@ -223,17 +247,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         if rdist.is_distributed():
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         opt.zero_grad(set_to_none=True)
-        if finite.item() < 1.0:
-            skipped += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= cfg.train.nonfinite_limit:
-                raise RuntimeError(
-                    f"{bad_in_a_row} non-finite losses in a row at step {step + 1} (train.nonfinite_limit="
-                    f"{cfg.train.nonfinite_limit}); the last good checkpoint is kept: lower train.lr or set "
-                    "train.grad_clip, then resume"
-                )
-        else:
-            bad_in_a_row = 0
+        if not guard.check(finite.item() == 1.0, step + 1):
             loss.backward()
             if cfg.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.train.grad_clip)
@@ -251,7 +265,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                 samples_per_s=global_batch * n_window / t_window,
                 data_wait_fraction=wait_window / t_window,
                 lr=opt.param_groups[0]["lr"],
-                skipped_nonfinite=float(skipped),
+                skipped_nonfinite=float(guard.skipped),
                 restarts=float(restarts),
                 epoch=float(batches.epoch),
                 step=float(step),
@@ -281,7 +295,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                                 "epoch": batches.epoch,
                                 "batch_in_epoch": batches.index,
                                 "restarts": restarts,
-                                "skipped_nonfinite": skipped,
+                                "skipped_nonfinite": guard.skipped,
                                 "dist_init": dist_init if dist_init is not None else torch.empty(0),
                                 "queue": torch.cat(list(queue)).cpu() if queue else torch.empty(0),
                                 "config": loop_config["config"],
