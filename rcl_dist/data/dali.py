@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from rcl_dist.data.spec import PairSpec, crop_geometry, simulated_path
+from rcl_dist.data.spec import PairSpec, crop_geometry, derived_seed, simulated_path
 
 __all__ = ["build_pipeline", "DALILoader", "real_partner"]
 
@@ -105,6 +105,7 @@ class _Plan:
     read: np.ndarray
     order: list[int]  # labels in reader order, padded to a multiple of num_shards
     gray_decode: bool  # decode straight to GRAY (every selected file is 1-channel)
+    all_8bit: bool  # every selected file is 8-bit: decode to uint8 and scale (3x faster than FLOAT)
     per_shard: int  # samples per shard and epoch (padding repeats included)
     skipped: list[str] = field(default_factory=list)
 
@@ -220,6 +221,7 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
         read=table["read"].to_numpy(zero_copy_only=False).astype(np.float64),
         order=list(range(n)) + extra,
         gray_decode=gray_decode,
+        all_8bit="bit_depth" in table.column_names and all(int(b) == 8 for b in table.column("bit_depth").to_pylist()),
         per_shard=per_shard,
         skipped=skipped,
     )
@@ -248,6 +250,7 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
 
     c, s_task = spec.crop, spec.task
     raw = spec.raw is not None
+    channels = 1 if spec.gray else 3
     fixed = bool(plan.noisy)
     order = plan.order
     reader_args = dict(
@@ -273,12 +276,15 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
 
     def decode(enc):
         gray_out = spec.gray and plan.gray_decode
-        img = fn.decoders.image(
-            enc,
-            device="mixed" if gpu else "cpu",
-            output_type=types.GRAY if gray_out else types.RGB,
-            dtype=types.FLOAT,  # [0, 1]: /255 for 8-bit, /65535 for 16-bit files
-        )
+        kind = types.GRAY if gray_out else types.RGB
+        if plan.all_8bit:
+            # measured on 2 CPU cores: decoding to FLOAT runs at ~780 images/s, to uint8 at ~2500/s;
+            # the cast after decoding is exact (k/255 either way)
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=kind)
+            img = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
+        else:
+            # [0, 1]: /255 for 8-bit, /65535 for 16-bit files (keeps all 16 bits)
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=kind, dtype=types.FLOAT)
         if spec.gray and not gray_out:
             img = fn.reductions.sum(img * const(np.array(_LUMA)), axes=[2], keep_dims=True)
         return img
@@ -325,10 +331,29 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
             shot, read = to_dev(_lookup(fn, types, label, plan.shot)), to_dev(_lookup(fn, types, label, plan.read))
         return shot, read
 
-    def add_noise(x, label):
-        """Eq. 8: x + sqrt(max(shot*x + read, 0)) * N(0, 1) with the image's own (shot, read)."""
+    noise_sources = []
+
+    def add_noise(x, label, hwc: tuple[int, int, int]):
+        """Eq. 8: x + sqrt(max(shot*x + read, 0)) * N(0, 1) with the image's own (shot, read).
+
+        ``hwc``: the static shape of x. On the GPU the draw is DALI's ``fn.random.normal``. On the CPU
+        DALI's normal generator produces ~60 M values/s on 2 cores against ~400 M/s for torch's
+        vectorised one, and it bounded the whole pipeline (see benchmarks/results/data_throughput.md):
+        there the N(0, 1) batch comes from a torch.Generator (seeded per rank and per draw) through an
+        external source, and DALI does the arithmetic.
+        """
         sh, rd = noise_params(label)
-        eps = fn.random.normal(x, device="gpu" if gpu else "cpu")  # same shape as x, new draw per call
+        if gpu:
+            eps = fn.random.normal(x, device="gpu")  # same shape as x, new draw per call
+        else:
+            gen = torch.Generator().manual_seed(derived_seed(spec.seed, "dali-noise", str(spec.shard_id), str(len(noise_sources))))
+            shape = (spec.batch_size, *hwc)
+
+            def draw():
+                return torch.randn(shape, generator=gen).numpy()
+
+            noise_sources.append(draw)
+            eps = fn.external_source(source=draw, batch=True, dtype=types.FLOAT, layout="HWC", no_copy=False)
         return x + dmath.sqrt(dmath.max(sh * x + rd, 0.0)) * eps
 
     def out(x):
@@ -352,7 +377,7 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
             parent = crop(img, anchor(hw_of_encoded(enc), parent_side, raw), parent_side)
             if raw:
                 parent = mosaic(parent, parent_side)  # before the noise: noise lives in the RAW domain
-            parent = add_noise(parent, label)  # once: both crops share one realisation
+            parent = add_noise(parent, label, (parent_side, parent_side, 1 if raw else channels))  # once: both crops share it
         q = crop(parent, offset(max_shift, raw), c)
         k = crop(parent, offset(max_shift, raw), c)
         outs = [out(q), out(k)]
@@ -365,7 +390,7 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
         else:
             enc, label = image_reader(plan.images, "Reader")
             clean = crop(decode(enc), anchor(hw_of_encoded(enc), c, False), c)
-            outs = [out(add_noise(clean, label)), out(add_noise(clean, label))]
+            outs = [out(add_noise(clean, label, (c, c, channels))), out(add_noise(clean, label, (c, c, channels)))]
     elif s_task in ("denoise", "jdd"):
         even = s_task == "jdd"
         enc, label = image_reader(plan.images, "Reader")
@@ -377,7 +402,7 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
             clean = crop(decode(enc), at, c)
         else:
             clean = crop(decode(enc), anchor(hw, c, even), c)
-            noisy = add_noise(mosaic(clean, c) if even else clean, label)
+            noisy = add_noise(mosaic(clean, c) if even else clean, label, (c, c, 1 if even else channels))
         outs = [out(noisy), fn.transpose(clean, perm=[2, 0, 1])]
     elif s_task in ("sr", "jdensr"):
         enc, label = image_reader(plan.images, "Reader")
@@ -385,7 +410,7 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
         lr_side = c // spec.scale
         lr = fn.resize(hr, size=[lr_side, lr_side], interp_type=types.INTERP_CUBIC, antialias=True)
         if s_task == "jdensr":
-            lr = add_noise(lr, label)
+            lr = add_noise(lr, label, (lr_side, lr_side, channels))
         outs = [out(lr), out(hr)]
     elif s_task == "real":
         enc, label = image_reader(plan.images, "Reader")

@@ -14,7 +14,6 @@ import os
 import signal
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +180,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.Adam(
         inner.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps
     )
-    queue: deque[torch.Tensor] = deque(maxlen=max(cfg.dist.queue_size, 1))
+    queue: torch.Tensor | None = None  # global+queue: the newest dist.queue_size key sketches, detached
 
     # 4. resume from the latest checkpoint (after a failure, or `--resume`)
     step, epoch, batch_in_epoch, restarts, skipped = 0, 0, 0, 0, 0
@@ -196,7 +195,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         restarts, skipped = state["restarts"] + 1, state["skipped_nonfinite"]
         dist_init = state["dist_init"] if state["dist_init"].numel() else None
-        queue.extend(state["queue"].to(device).unbind(0) if state["queue"].numel() else [])
+        queue = state["queue"].to(device) if state["queue"].numel() else None
     model: nn.Module = inner
     if world > 1:
         model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
@@ -237,7 +236,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             g["lr"] = cfg.train.lr * _lr_factor(cfg.train.schedule, step, cfg.train.steps)
         with autocast:
             if cfg.loss.method == "rcl":
-                extra = torch.cat(list(queue)) if use_queue and queue else None
+                extra = queue if use_queue else None
                 out = objective(model, batch, extra_negatives=extra, key_gather=key_gather, world_size=world if key_gather else 1)
             else:
                 out = objective(model, batch)
@@ -252,8 +251,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.train.grad_clip)
             opt.step()
-            if use_queue:
-                queue.append(rdist.gather_with_grad(out["sketch_k"].float()).detach())
+            if use_queue:  # every rank holds the same queue: this step's keys of all ranks, newest first
+                keys = rdist.gather_with_grad(out["sketch_k"].float()).detach()
+                queue = (keys if queue is None else torch.cat([keys, queue]))[: cfg.dist.queue_size]
         step += 1
         dt = time.perf_counter() - t0
         t_window, wait_window, n_window = t_window + dt, wait_window + t_data, n_window + 1
@@ -297,7 +297,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                                 "restarts": restarts,
                                 "skipped_nonfinite": guard.skipped,
                                 "dist_init": dist_init if dist_init is not None else torch.empty(0),
-                                "queue": torch.cat(list(queue)).cpu() if queue else torch.empty(0),
+                                "queue": queue.cpu() if queue is not None else torch.empty(0),
                                 "config": loop_config["config"],
                             },
                             Path(tmp) / CHECKPOINT_FILE,
