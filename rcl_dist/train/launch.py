@@ -136,6 +136,7 @@ def run_pretrain(
     ``env``: extra environment variables for the workers (tests use it for the fault hook).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rcl_dist.train.pretrain import train_func_per_worker
@@ -194,6 +195,7 @@ def run_pretrain(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
+            logging_config=LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's own lines
         ),
     )
     log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -279,6 +280,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                     + (f"  consistency {metrics['consistency']:.4g}" if "consistency" in metrics else "")
                     + f"  {metrics['samples_per_s']:.1f} samples/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
                     + f"  ETA {eta:.0f} s",
+                    file=sys.stderr,
                     flush=True,
                 )
                 if tracker is not None:
