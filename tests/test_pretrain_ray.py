@@ -221,3 +221,15 @@ def test_checkpoint_files_load_with_weights_only(tmp_path):
     state = {"model": {"w": torch.zeros(2)}, "step": 3, "config": {"a": {"b": 1}}, "dist_init": torch.empty(0)}
     torch.save(state, tmp_path / "state.pt")
     assert torch.load(Path(tmp_path / "state.pt"), weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("method", ["rcl", "consistency", "n2n", "n2s", "supervised"])
+def test_every_method_gets_the_batch_keys_its_objective_needs(method):
+    """The pipeline task chosen for each pre-training method yields what the objective reads."""
+    from rcl_dist.data.spec import TASK_KEYS
+    from rcl_dist.losses.objectives import build_objective
+    from rcl_dist.train.pretrain import METHOD_TASK
+
+    consistency = torch.nn.Identity() if method == "consistency" else None
+    objective = build_objective(method, consistency=consistency)
+    assert set(objective.required_keys) <= set(TASK_KEYS[METHOD_TASK[method]])
