@@ -21,7 +21,8 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from rcl_dist.data import dali as D  # noqa: E402
-from rcl_dist.data.dali import DALILoader, build_pipeline, real_partner  # noqa: E402
+from rcl_dist.data.dali import DALILoader, build_pipeline  # noqa: E402
+from rcl_dist.data.spec import real_partner  # noqa: E402
 from rcl_dist.data.spec import MANIFEST_SCHEMA, PairSpec, crop_geometry, fixed_noisy_image, simulated_path  # noqa: E402
 from rcl_dist.noise import mosaic, pack_bayer, unpack_bayer  # noqa: E402
 
@@ -70,13 +71,13 @@ def _table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
-def _random_images(tmp_path: Path, n: int, shape=(40, 40), seed=0, shot=0.0, read=0.0, prefix="im"):
+def _random_images(tmp_path: Path, n: int, shape=(40, 40), seed=0, shot=0.0, read=0.0, prefix="im", suffix=""):
     """n random 16-bit RGB images (practically unique pixel values): (rows, clean [C, H, W] float32 list)."""
     rng = np.random.default_rng(seed)
     rows, clean = [], []
     for i in range(n):
         a = rng.integers(0, 65536, (*shape, 3), dtype=np.uint16)
-        p = tmp_path / f"{prefix}{i}.png"
+        p = tmp_path / f"{prefix}{i}{suffix}.png"
         _png16(p, a)
         s = shot[i] if isinstance(shot, (list, tuple)) else shot
         r = read[i] if isinstance(read, (list, tuple)) else read
@@ -438,9 +439,14 @@ def test_real_pairs_share_the_crop_position(tmp_path):
         rows.append(_row(p, f"scene{i}", (30, 34), 0.5, 0.5))  # parameters are ignored: no synthetic noise
         means.append(mean.transpose(2, 0, 1) / 255.0)
         reals.append(real.transpose(2, 0, 1) / 255.0)
-    assert real_partner("/a/x_real_1.png") == "/a/x_mean_1.png"
+    assert real_partner("/a/x_real.png") == "/a/x_mean.png"
+    with pytest.raises(ValueError, match="_real"):
+        real_partner("/a/x_real_1.png")
+    # a manifest of the pair folder lists the *_mean files too: they are partners, not samples
+    rows += [_row(Path(real_partner(r["path"])), f"mean{i}", (30, 34), 0.5, 0.5) for i, r in enumerate(rows)]
     c = 16
     loader = DALILoader(_table(rows), PairSpec(task="real", crop=c, batch_size=2), return_index=True)
+    assert len(loader.rows) == 4
     for smp in _samples(_epochs(loader, 3)):
         i = int(smp["index"])
         y, x, e = _locate(means[i], smp["target"])
@@ -595,7 +601,7 @@ def test_gpu_graph_places_the_work_on_the_gpu(tmp_path, kw):
     from nvidia.dali import pipeline_def
 
     raw = kw.get("raw") is not None
-    rows, clean = _random_images(tmp_path, 2, shape=(40, 40), prefix="g_real" if kw["task"] == "real" else "g")
+    rows, clean = _random_images(tmp_path, 2, shape=(40, 40), prefix="g", suffix="_real" if kw["task"] == "real" else "")
     sim = tmp_path / "sim"
     sim.mkdir()
     for r, x in zip(rows, clean):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rcl_dist.data.images import load_image
-from rcl_dist.data.reference import ManifestPairs, ShardSampler, make_loader, real_partner
+from rcl_dist.data.reference import ManifestPairs, ShardSampler, make_loader
+from rcl_dist.data.spec import real_partner
 from rcl_dist.data.spec import MANIFEST_SCHEMA, PairSpec, crop_geometry, fixed_noisy_image, simulated_path
 from rcl_dist.noise import mosaic, pack_bayer
 
@@ -330,7 +331,7 @@ def test_sr_jdensr_jdd_real_n2n_shapes_and_sanity(tmp_path):
     for i in range(2):
         reals.append(_write(tmp_path / f"r{i}_real.png", position_image(40, 48, 3 * i)))
         _write(tmp_path / f"r{i}_mean.png", position_image(40, 48, 3 * i + 1))
-    assert real_partner(reals[0]) == tmp_path / "r0_mean.png"
+    assert real_partner(reals[0]) == str(tmp_path / "r0_mean.png")
     m = manifest(reals + [str(real_partner(r)) for r in reals], 0.5, 0.5)  # partners are not samples
     ds = quiet_dataset(m, PairSpec(task="real", crop=c, gray=False))
     assert len(ds) == 2

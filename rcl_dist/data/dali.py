@@ -60,7 +60,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -69,25 +68,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from rcl_dist.data.spec import PairSpec, crop_geometry, derived_seed, simulated_path
+from rcl_dist.data.spec import PairSpec, crop_geometry, derived_seed, is_real_noisy, real_partner, simulated_path
 
-__all__ = ["build_pipeline", "DALILoader", "real_partner"]
+__all__ = ["build_pipeline", "DALILoader"]
 
 # fn.lookup_table accepts keys in [0, 65535]: bigger manifests use one table per block of rows.
 _LUT_BLOCK = 65536
 # rgb -> grey as skimage.color.rgb2gray, the conversion of rcl_dist.data.images.load_image(gray=True)
 _LUMA = (0.2125, 0.7154, 0.0721)
 _REQUIRED = ("path", "image_id", "width", "height", "split", "shot", "read")
-
-
-def real_partner(path: str) -> str:
-    """The clean partner of a real noisy photograph: ``*_real.*`` -> ``*_mean.*`` (last ``_real`` in the name)."""
-    p = Path(path)
-    stem = p.stem
-    i = stem.rfind("_real")
-    if i < 0:
-        raise ValueError(f"{path}: task 'real' needs files named *_real.* (clean partner *_mean.*)")
-    return str(p.with_name(stem[:i] + "_mean" + stem[i + len("_real") :] + p.suffix))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +152,9 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
                 keep[i] = False
                 skipped.append(p)
         if spec.task == "real":
-            partners = [real_partner(p) for p in paths]
+            # a pair folder's manifest lists both files of a pair: the *_real ones are the samples
+            keep &= np.array([is_real_noisy(p) for p in paths], dtype=bool)
+            partners = [real_partner(p) if is_real_noisy(p) else "" for p in paths]
             for i, q in enumerate(partners):
                 if keep[i] and not os.path.isfile(q):
                     keep[i] = False
@@ -173,6 +164,7 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
         warnings.warn(
             f"{len(skipped)} file(s) listed in the manifest no longer exist and are skipped: {shown}", stacklevel=3
         )
+    if not keep.all():
         table = table.filter(pa.array(keep))
         paths = [p for p, k in zip(paths, keep) if k]
         if partners is not None:

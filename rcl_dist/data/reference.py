@@ -31,10 +31,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcl_dist.data.images import load_image
-from rcl_dist.data.spec import PairSpec, crop_geometry, derived_seed, fixed_noisy_image, simulated_path
+from rcl_dist.data.spec import (
+    PairSpec,
+    crop_geometry,
+    derived_seed,
+    fixed_noisy_image,
+    is_real_noisy,
+    real_partner,
+    simulated_path,
+)
 from rcl_dist.noise import BAYER_PATTERN, NoiseParams, add_nlf_noise, pack_bayer, sample_nlf
 
-__all__ = ["PairSampler", "ManifestPairs", "ShardSampler", "EpochLoader", "make_loader", "real_partner"]
+__all__ = ["PairSampler", "ManifestPairs", "ShardSampler", "EpochLoader", "make_loader"]
 
 
 class PairSampler:
@@ -118,14 +126,6 @@ _REQUIRED_COLUMNS = ("path", "image_id", "width", "height", "split", "shot", "re
 
 class _Unreadable(Exception):
     """An indexed file that cannot be used any more (vanished, replaced, undecodable)."""
-
-
-def real_partner(path: str | os.PathLike) -> Path:
-    """The clean partner of a real noisy photograph: ``x/0001_real.png`` -> ``x/0001_mean.png``."""
-    p = Path(path)
-    if not p.stem.endswith("_real"):
-        raise ValueError(f"{p}: a real noisy image must be named *_real.*")
-    return p.with_name(p.stem[: -len("_real")] + "_mean" + p.suffix)
 
 
 def _randint(g: torch.Generator, high: int) -> int:
@@ -266,7 +266,7 @@ class ManifestPairs(Dataset):
             rows = [r for r in rows if r["split"] == spec.split]
         what = f"split {spec.split!r}" if spec.split is not None else "manifest"
         if spec.task == "real":
-            rows = [r for r in rows if Path(r["path"]).stem.endswith("_real")]
+            rows = [r for r in rows if is_real_noisy(r["path"])]
             what = f"*_real images of the {what}"
         if not rows:
             raise ValueError(f"no images in the {what}")
@@ -291,7 +291,7 @@ class ManifestPairs(Dataset):
 
         # files that vanished since indexing
         def present(r: dict) -> bool:
-            return os.path.isfile(r["path"]) and (spec.task != "real" or real_partner(r["path"]).is_file())
+            return os.path.isfile(r["path"]) and (spec.task != "real" or os.path.isfile(real_partner(r["path"])))
 
         gone = [r["path"] for r in rows if not present(r)]
         self.skipped_paths: list[str] = gone
@@ -458,7 +458,7 @@ class ManifestPairs(Dataset):
         if task == "real":
             y, x = _randpos(g, h - c, False), _randpos(g, w - c, False)
             noisy = self._clean(i)
-            mean = self._load(os.fspath(real_partner(r["path"])), c)
+            mean = self._load(real_partner(r["path"]), c)
             if mean.shape != noisy.shape:
                 raise _Unreadable(f"{real_partner(r['path'])} has shape {list(mean.shape)}, its *_real partner {list(noisy.shape)}")
             return {a: noisy[:, y : y + c, x : x + c].contiguous(), b: mean[:, y : y + c, x : x + c].contiguous()}

@@ -43,6 +43,8 @@ __all__ = [
     "fixed_noisy_image",
     "simulated_path",
     "derived_seed",
+    "is_real_noisy",
+    "real_partner",
 ]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -170,3 +172,16 @@ def simulated_path(root: str | Path, image_id: str, raw: bool = False, index: in
     uses seed ``noise_seed + i``.
     """
     return Path(root) / f"{image_id}{'_raw' if raw else ''}{f'_{index}' if index else ''}.npy"
+
+
+def is_real_noisy(path: str | Path) -> bool:
+    """A real noisy photograph of a pair folder (``*_real.*``, as in ``shared/data/real``)."""
+    return Path(path).stem.endswith("_real")
+
+
+def real_partner(path: str | Path) -> str:
+    """The clean partner of a real noisy photograph: ``x/0001_real.png`` -> ``x/0001_mean.png``."""
+    p = Path(path)
+    if not is_real_noisy(p):
+        raise ValueError(f"{p}: task 'real' needs files named *_real.* (clean partner *_mean.*)")
+    return str(p.with_name(p.stem[: -len("_real")] + "_mean" + p.suffix))
