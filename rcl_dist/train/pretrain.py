@@ -24,13 +24,13 @@ import torch.nn as nn
 from rcl_dist import dist as rdist
 from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
+from rcl_dist.models.io import CHECKPOINT_FILE
 from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
 
 __all__ = ["train_func_per_worker", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
-CHECKPOINT_FILE = "state.pt"
 # The pipeline task that feeds each pre-training method.
 METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "supervised": "denoise"}
 
