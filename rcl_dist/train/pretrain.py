@@ -59,6 +59,10 @@ def _maybe_fault(rank: int, step: int) -> None:
     f_rank, f_step, marker = spec.split(":", 2)
     if rank == int(f_rank) and step == int(f_step) and not Path(marker).exists():
         Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        # Ray Train registers a reported checkpoint asynchronously (its controller polls the workers):
+        # wait so that the crash comes after the last checkpoint is registered, as a real crash a
+        # while after a checkpoint would, and the test checks the restart rather than that race
+        time.sleep(3.0)
         os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no exception handler runs
 
 
