@@ -1,0 +1,689 @@
+"""Whole-image evaluation of a restorer on a folder of test images (Sec. 4-5; metrics of App. C.3).
+
+Four pieces, usable on their own:
+
+* :func:`tiled_restore` - inference on an image of any size by overlapping tiles blended with a
+  linear-ramp window, so memory is bounded by the tile size, not the image size.
+* :func:`make_test_pair` - the (input, target) pair of a task for one clean image. Every random draw
+  is seeded by the image id, so every method (and every run) sees exactly the same test inputs.
+* :func:`evaluate_folder` - one row per image (PSNR/SSIM of the restored image and of the input or of
+  the classical baseline), as a ``pyarrow.Table``; :func:`summarise`, :func:`write_results`.
+* :func:`evaluate_checkpoint` / :func:`main_evaluate` - the same from a checkpoint, for ``rcl-dist evaluate``.
+
+Test inputs (:func:`make_test_pair`), per task:
+
+===========  ===================================================  ===========  =============================
+task         input                                                target       ``psnr_input`` measured on
+===========  ===================================================  ===========  =============================
+denoise      clean + Eq. 8 noise, (shot, read) drawn per image    clean        the noisy input
+gaussian     clean + N(0, (sigma/255)^2) (shot 0, read sigma^2)   clean        the noisy input
+sr           bicubic x2 antialiased downscale (even-cropped)      clean HR     bicubic x2 upsampling of LR
+jdensr       that LR + Eq. 8 noise                                clean HR     bicubic x2 upsampling of LR
+jdd          RGGB mosaic (even-cropped) + Eq. 8 noise in RAW,     clean RGB    bilinear demosaic of the RAW
+             packed [4, H/2, W/2] or mosaic [1, H, W]
+real         ``*_real.*`` photograph                              ``*_mean.*`` the noisy input
+===========  ===================================================  ===========  =============================
+
+Seeds: the noise parameters come from ``torch.Generator().manual_seed(derived_seed(seed, image_id,
+"eval-nlf"))`` and the noise itself is ``fixed_noisy_image(clean, shot, read, derived_seed(seed,
+image_id, "eval-noise"))``. In :func:`evaluate_folder` the image id is the first 16 hex digits of
+the sha256 of the file (the manifest's ``image_id``), so the inputs do not depend on the file's name
+or folder; the salts differ from the training ones ("nlf", "noise"), so an image that is also in a
+training manifest gets an independent test realisation. The noise distribution is fixed by the
+arguments (default: App. C.1 uniform, sigma in [0, 20/255]), never by the evaluated checkpoint's
+training configuration, so that different methods are compared on the same inputs.
+
+A fixed ``sigma`` (0-255 scale, e.g. 15/25/50, the published context rows of
+``shared/data/README.md``) replaces the drawn parameters with shot = 0, read = (sigma/255)^2 for
+denoise (reported as task ``gaussian``), jdensr and jdd. Metrics are on the whole image (no border
+shave) with :func:`rcl_dist.metrics.image_metrics` (prediction clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcl_dist.data.images import list_images, load_image
+from rcl_dist.data.spec import derived_seed, fixed_noisy_image, is_real_noisy, real_partner
+from rcl_dist.metrics import image_metrics
+from rcl_dist.noise import demosaic_bilinear, mosaic, pack_bayer, sample_nlf, unpack_bayer
+
+__all__ = [
+    "EVAL_TASKS",
+    "RESULT_COLUMNS",
+    "tiled_restore",
+    "model_scale",
+    "model_gray",
+    "make_test_pair",
+    "baseline_prediction",
+    "file_image_id",
+    "evaluate_folder",
+    "skipped_files",
+    "summarise",
+    "write_results",
+    "markdown_table",
+    "evaluate_checkpoint",
+    "main_evaluate",
+]
+
+EVAL_TASKS: tuple[str, ...] = ("denoise", "gaussian", "sr", "jdensr", "jdd", "real")
+_NOISY_TASKS = ("denoise", "gaussian", "jdensr", "jdd")
+
+# Columns of the table of evaluate_folder, in order (one row per image).
+RESULT_COLUMNS: tuple[str, ...] = (
+    "image",  # file name
+    "task",  # denoise, gaussian, sr, jdensr, jdd, real
+    "dataset",  # name of the folder
+    "psnr",  # of the restored image against the target (dB)
+    "ssim",
+    "psnr_input",  # of the input (denoise/gaussian/real) or the classical baseline (bicubic / bilinear demosaic)
+    "ssim_input",
+    "height",  # of the target
+    "width",
+    "shot",  # Eq. 8 parameters of the synthetic noise ([0, 1] scale); null for sr and real
+    "read",
+    "sigma",  # fixed sigma on 0-255 when given; null otherwise
+)
+
+_SCHEMA = pa.schema(
+    [
+        ("image", pa.string()),
+        ("task", pa.string()),
+        ("dataset", pa.string()),
+        ("psnr", pa.float64()),
+        ("ssim", pa.float64()),
+        ("psnr_input", pa.float64()),
+        ("ssim_input", pa.float64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("shot", pa.float64()),
+        ("read", pa.float64()),
+        ("sigma", pa.float64()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+def model_scale(model: nn.Module) -> int:
+    """Output/input size ratio of a restorer: its head's ``scale`` (2 for ``sr2`` and ``raw2rgb``), else 1."""
+    head = getattr(model, "head", None)
+    return int(getattr(head, "scale", 1) or 1)
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def model_gray(model: nn.Module) -> bool:
+    """True for a model of grey images (non-RAW, 1 input channel)."""
+    conv = _first_conv(model)
+    return getattr(model, "raw", None) is None and conv is not None and conv.in_channels == 1
+
+
+def _auto_align(model: nn.Module) -> int:
+    """Tile positions are multiples of this: 2**depth for a U-Net (its pooling grid, so that a tile sees
+    the same pooling cells as the whole image), 2 for a 1-channel RGGB mosaic (Bayer phase), else 1."""
+    from rcl_dist.models.unet import UNet
+
+    align = 2 ** int(model.depth) if isinstance(model, UNet) else 1
+    if getattr(model, "raw", None) == "mosaic":
+        align = math.lcm(align, 2)
+    return align
+
+
+def _tile_starts(length: int, tile: int, step: int, align: int) -> list[tuple[int, int]]:
+    """[(start, end)] covering [0, length): starts are multiples of ``align``; the last tile ends at
+    ``length`` (it is up to ``align - 1`` pixels longer than ``tile`` when ``length - tile`` is not aligned)."""
+    if length <= tile:
+        return [(0, length)]
+    last = ((length - tile) // align) * align
+    starts = list(range(0, last, step)) + [last]
+    return [(s, s + tile) for s in starts[:-1]] + [(last, length)]
+
+
+_WINDOW_FLOOR = 1e-4  # the window's smallest weight: never zero, so every pixel has a defined blend
+
+
+def _ramp(n: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
+    """1-D blending window of length n over an axis of one tile (output pixels).
+
+    1 inside. At an edge shared with another tile (``lead`` / ``trail``) it stays at its floor
+    (:data:`_WINDOW_FLOOR`, never zero) for the first ``overlap / 4`` pixels, rises as a half Hann
+    (raised cosine) over the next ``overlap / 2`` and is 1 beyond: the overlap's outer quarters, where
+    the tile's zero padding is within the network's receptive field, barely count, and two tiles whose
+    overlap is exactly ``overlap`` cross-fade with weights summing to 1 around its middle.
+    """
+    w = torch.ones(n, dtype=torch.float64)
+    if overlap > 0:
+        d = torch.arange(n, dtype=torch.float64) + 0.5  # distance of each pixel's centre from the leading edge
+
+        def rise(dist: torch.Tensor) -> torch.Tensor:
+            t = ((dist - overlap / 4) / (overlap / 2)).clamp(0.0, 1.0)
+            return (0.5 - 0.5 * torch.cos(math.pi * t)).clamp_min(_WINDOW_FLOOR)
+
+        if lead:
+            w = torch.minimum(w, rise(d))
+        if trail:
+            w = torch.minimum(w, rise(n - d))
+    return w
+
+
+def tiled_restore(
+    model: nn.Module,
+    x: torch.Tensor,
+    tile: int = 256,
+    overlap: int = 32,
+    scale: int | None = 1,
+    *,
+    align: int | None = None,
+) -> torch.Tensor:
+    """``model.restore(x)`` of a whole image [B, C, H, W] (any H, W, odd too), computed tile by tile.
+
+    Tiles of ``tile`` x ``tile`` input pixels (the last one per axis reaches the image's end) overlap
+    by at least ``overlap`` pixels; each output tile is weighted by a separable window (:func:`_ramp`:
+    1 inside; at an edge shared with another tile, a floor of 1e-4 over the outer quarter of the
+    overlap, then a half-Hann rise over its middle half; never zero), and the weighted sum is divided
+    by the summed weights. Memory for the model is bounded by one tile (plus ``align - 1`` pixels); the
+    output buffer has the output's size. An image no larger than a tile goes through in one piece,
+    which is exactly ``model.restore(x)``.
+
+    ``scale``: output/input size ratio (2 for SR heads and for packed-RAW inputs whose output is
+    full-resolution RGB); ``None`` reads it from the model (:func:`model_scale`). ``align``: tile
+    positions are multiples of it (default: 2**depth for a U-Net, so tiles share the whole image's
+    pooling grid; 2 for a mosaic RAW input, to keep the Bayer phase). Runs under ``torch.no_grad()``
+    with the model in eval mode; its train/eval mode is restored afterwards. Tiles run on the model's
+    device; the result is float32 on ``x``'s device.
+
+    Accuracy: a U-Net sees across tile seams through its receptive field (and each tile's zero padding
+    sits inside it), so tiled and untiled outputs are close but not bit-equal. Measured over 20 random
+    U-Nets (width 4, depth 2-4; heads rgb, sr2, packed raw2rgb, mosaic rgb) on 150x97 inputs (packed:
+    75x49 and 150x97) with tile=64: overlap=16 gave max |tiled - untiled| <= 1.6e-4 and
+    PSNR(tiled vs untiled) >= 93 dB; overlap=32 gave <= 2.3e-5 and >= 116 dB. (A linear ramp over the
+    whole overlap gave 1e-2 and 58 dB at overlap 16.) ``tests/test_evaluate.py`` asserts max abs diff
+    < 1e-3 and PSNR > 80 dB at tile=64, overlap=16. Trained networks may reach further; keep ``overlap``
+    at least twice the receptive field's reach that matters (the default 32 for the depth-4 U-Net).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"tiled_restore: expected [B, C, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    if not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be an integer in [0, tile={tile}), got {overlap!r}")
+    s = model_scale(model) if scale is None else int(scale)
+    if s < 1:
+        raise ValueError(f"scale must be >= 1, got {scale!r}")
+    a = _auto_align(model) if align is None else int(align)
+    if a < 1:
+        raise ValueError(f"align must be >= 1, got {align!r}")
+    step = max(a, ((tile - overlap) // a) * a)
+
+    ref = next(model.parameters(), None)
+    dev = ref.device if ref is not None else x.device
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    restore = getattr(model, "restore", model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            b, _, h, w = x.shape
+            rows, cols = _tile_starts(h, tile, step, a), _tile_starts(w, tile, step, a)
+            if len(rows) == 1 and len(cols) == 1:
+                y = restore(x.to(dev, dtype))
+                _check_tile_shape(y, b, h, w, s)
+                return y.to(x.device, torch.float32)
+            out: torch.Tensor | None = None
+            weight = torch.zeros(1, 1, s * h, s * w, dtype=torch.float64, device=x.device)
+            for y0, y1 in rows:
+                wy = _ramp(s * (y1 - y0), s * overlap, y0 > 0, y1 < h).to(x.device)
+                for x0, x1 in cols:
+                    wx = _ramp(s * (x1 - x0), s * overlap, x0 > 0, x1 < w).to(x.device)
+                    piece = restore(x[:, :, y0:y1, x0:x1].to(dev, dtype))
+                    _check_tile_shape(piece, b, y1 - y0, x1 - x0, s)
+                    if out is None:
+                        out = torch.zeros(b, piece.shape[1], s * h, s * w, dtype=torch.float64, device=x.device)
+                    win = wy[:, None] * wx[None, :]
+                    out[:, :, s * y0 : s * y1, s * x0 : s * x1] += piece.to(x.device, torch.float64) * win
+                    weight[:, :, s * y0 : s * y1, s * x0 : s * x1] += win
+            assert out is not None
+            return (out / weight).to(torch.float32)
+    finally:
+        model.train(was_training)
+
+
+def _check_tile_shape(y: torch.Tensor, b: int, h: int, w: int, s: int) -> None:
+    if y.dim() != 4 or y.shape[0] != b or tuple(y.shape[-2:]) != (s * h, s * w):
+        raise ValueError(
+            f"tiled_restore: an input of {h}x{w} gave an output of shape {tuple(y.shape)}, expected "
+            f"{s * h}x{s * w} (scale={s}); pass the model's output/input size ratio as scale"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- test inputs
+def _as_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
+    t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img))
+    t = t.detach().to("cpu", torch.float32)
+    if t.dim() != 3:
+        raise ValueError(f"expected a [C, H, W] image, got shape {tuple(t.shape)}")
+    return t
+
+
+def _noise_params(
+    image_id: str, seed: int, sigma: float | None, sigma_min: float, sigma_max: float, sampler: str
+) -> tuple[float, float]:
+    """(shot, read) of one test image: fixed sigma (0-255 scale) -> (0, (sigma/255)^2), else drawn."""
+    if sigma is not None:
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0 (0-255 scale), got {sigma!r}")
+        return 0.0, float((sigma / 255.0) ** 2)
+    g = torch.Generator().manual_seed(derived_seed(seed, image_id, "eval-nlf"))
+    options = {"sigma_min": sigma_min, "sigma_max": sigma_max} if sampler == "uniform" else {}
+    p = sample_nlf(sampler, 1, generator=g, **options)
+    return float(p.shot[0]), float(p.read[0])
+
+
+def _noisy(clean: torch.Tensor, shot: float, read: float, image_id: str, seed: int) -> torch.Tensor:
+    return torch.from_numpy(fixed_noisy_image(clean.numpy(), shot, read, derived_seed(seed, image_id, "eval-noise")))
+
+
+def _even(img: torch.Tensor, what: str) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    h2, w2 = h - h % 2, w - w % 2
+    if h2 < 2 or w2 < 2:
+        raise ValueError(f"{what} needs an image of at least 2x2 pixels, got {h}x{w}")
+    return img[:, :h2, :w2].contiguous()
+
+
+def _downscale2(hr: torch.Tensor) -> torch.Tensor:
+    """Bicubic, antialiased x1/2 downscale [C, H, W] -> [C, H/2, W/2] (as the training pipelines; not clamped)."""
+    h, w = hr.shape[-2:]
+    return F.interpolate(hr[None], size=(h // 2, w // 2), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def make_test_pair(
+    clean: torch.Tensor | np.ndarray,
+    task: str,
+    *,
+    image_id: str,
+    seed: int = 0,
+    sigma_min: float = 0.0,
+    sigma_max: float = 20.0 / 255.0,
+    sampler: str = "uniform",
+    raw: str | None = "packed",
+    sigma: float | None = None,
+    noisy: torch.Tensor | np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed test (input, target) of ``task`` for one clean image [C, H, W] in [0, 1] (float32 tensors).
+
+    See the module docstring for what each task produces. The same (clean, task, image_id, seed and
+    noise options) always give the same tensors; another ``image_id`` gives other noise.
+    ``sigma`` (0-255 scale): fixed Gaussian noise for denoise/gaussian/jdensr/jdd (required for
+    ``gaussian``). ``raw``: layout of the jdd input, ``"packed"`` [4, H/2, W/2] or ``"mosaic"`` [1, H, W].
+    ``real``: ``clean`` is the clean ``*_mean`` image and ``noisy`` the real ``*_real`` photograph.
+    SR and JDD targets are the clean image cropped to even height and width.
+    """
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task == "gaussian" and sigma is None:
+        raise ValueError("task 'gaussian' needs sigma (0-255 scale, e.g. 15, 25 or 50)")
+    if sigma is not None and task not in _NOISY_TASKS:
+        raise ValueError(f"sigma applies to tasks {_NOISY_TASKS}, not {task!r}")
+    clean_t = _as_tensor(clean)
+
+    if task == "real":
+        if noisy is None:
+            raise ValueError("task 'real' needs the real noisy photograph (noisy=...)")
+        noisy_t = _as_tensor(noisy)
+        if noisy_t.shape != clean_t.shape:
+            raise ValueError(
+                f"real pair: noisy {tuple(noisy_t.shape)} and clean {tuple(clean_t.shape)} differ in shape"
+            )
+        return noisy_t, clean_t
+
+    if task == "sr":
+        hr = _even(clean_t, "task 'sr'")
+        return _downscale2(hr), hr
+
+    shot, read = _noise_params(image_id, seed, sigma, sigma_min, sigma_max, sampler)
+    if task in ("denoise", "gaussian"):
+        return _noisy(clean_t, shot, read, image_id, seed), clean_t
+    if task == "jdensr":
+        hr = _even(clean_t, "task 'jdensr'")
+        return _noisy(_downscale2(hr), shot, read, image_id, seed), hr
+    # jdd
+    if raw not in ("packed", "mosaic"):
+        raise ValueError(f"task 'jdd' needs raw='packed' or raw='mosaic', got {raw!r}")
+    if clean_t.shape[0] != 3:
+        raise ValueError(f"task 'jdd' needs an RGB image, got {clean_t.shape[0]} channel(s)")
+    rgb = _even(clean_t, "task 'jdd'")
+    noisy_raw = _noisy(mosaic(rgb[None])[0], shot, read, image_id, seed)  # [1, H, W], noise in the RAW domain
+    if raw == "packed":
+        noisy_raw = pack_bayer(noisy_raw[None])[0]  # [4, H/2, W/2]
+    return noisy_raw, rgb
+
+
+def baseline_prediction(inp: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """What ``psnr_input`` measures: the input itself (denoise/gaussian/real), its bicubic x2 upsampling
+    (sr/jdensr) or the bilinear demosaic of the RAW input (jdd), [C, H, W] like ``target``."""
+    if task in ("sr", "jdensr"):
+        return F.interpolate(inp[None], size=tuple(target.shape[-2:]), mode="bicubic", align_corners=False)[0]
+    if task == "jdd":
+        raw = unpack_bayer(inp[None]) if inp.shape[0] == 4 else inp[None]
+        return demosaic_bilinear(raw)[0]
+    return inp
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def file_image_id(path: str | os.PathLike) -> str:
+    """The image id of a file: the first 16 hex digits of its sha256 (the manifest's ``image_id``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _check_task_model(model: nn.Module, task: str) -> None:
+    s, raw = model_scale(model), getattr(model, "raw", None)
+    if task in ("sr", "jdensr"):
+        if s != 2 or raw is not None:
+            raise ValueError(f"task {task!r} needs an x2 SR model (head 'sr2'), got scale {s} and raw={raw!r}")
+    elif task == "jdd":
+        if raw not in ("packed", "mosaic"):
+            raise ValueError(f"task 'jdd' needs a RAW-input model (raw='packed' or 'mosaic'), got raw={raw!r}")
+    elif s != 1 or raw is not None:
+        raise ValueError(f"task {task!r} needs a same-size RGB/grey model, got scale {s} and raw={raw!r}")
+
+
+def evaluate_folder(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    task: str,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    tile: int = 256,
+    overlap: int = 32,
+    gray: bool | None = None,
+    sigma: float | None = None,
+    sigma_min: float = 0.0,
+    sigma_max: float = 20.0 / 255.0,
+    sampler: str = "uniform",
+    device: str | torch.device | None = None,
+    progress: Callable[[str], Any] | None = print,
+) -> pa.Table:
+    """Restore every image of ``folder`` with ``model`` and measure it: a table with one row per image.
+
+    Columns :data:`RESULT_COLUMNS`. Images are taken in sorted file-name order (``limit``: the first
+    ``limit`` of them); for ``real`` only the ``*_real.*`` files, each with its ``*_mean.*`` partner.
+    Images are converted to the model's channels (``gray=None``: grey for a 1-channel model, RGB
+    otherwise). ``denoise`` with ``sigma`` is reported as ``gaussian``. ``device``: where the model runs
+    (it is moved there; default: where its weights are). ``progress``: called with one line per image (``None``: silent).
+
+    A file that cannot be read (or an image too small for the task, or a ``*_real`` file without its
+    partner) is skipped with a ``UserWarning`` naming it; the rest is still evaluated. The skipped files
+    are in the table's schema metadata (``skipped_files(table)``; count under ``b"skipped"``), with the
+    evaluation settings (``b"settings"``, JSON).
+    """
+    if task == "denoise" and sigma is not None:
+        task = "gaussian"
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task == "gaussian" and sigma is None:
+        raise ValueError("task 'gaussian' needs sigma (0-255 scale, e.g. 15, 25 or 50)")
+    if sigma is not None and task not in _NOISY_TASKS:
+        raise ValueError(f"sigma applies to tasks {_NOISY_TASKS}, not {task!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such data folder")
+    _check_task_model(model, task)
+    if device is not None:
+        model = model.to(device)
+    raw = getattr(model, "raw", None)
+    gray_images = model_gray(model) if gray is None else bool(gray)
+    if task == "jdd" and gray_images:
+        raise ValueError("task 'jdd' needs RGB images (gray=True was given)")
+    scale = model_scale(model)
+    say = progress or (lambda _msg: None)
+
+    files = list_images(folder)
+    if task == "real":
+        files = [p for p in files if is_real_noisy(p)]
+    if not files:
+        what = "*_real.* images (with *_mean.* partners)" if task == "real" else "images"
+        raise ValueError(f"{folder}: no {what} to evaluate")
+    if limit is not None:
+        files = files[:limit]
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for i, path in enumerate(files, 1):
+        try:
+            if task == "real":
+                noisy_img = load_image(path, gray=gray_images)
+                partner = Path(real_partner(path))
+                if not partner.is_file():
+                    raise ValueError(f"{partner}: clean partner of {path.name} is missing")
+                clean = load_image(partner, gray=gray_images)
+                image_id = path.stem
+                inp, target = make_test_pair(clean, "real", image_id=image_id, noisy=noisy_img)
+            else:
+                image_id = file_image_id(path)
+                clean = load_image(path, gray=gray_images)
+                inp, target = make_test_pair(
+                    clean, task, image_id=image_id, seed=seed, sigma_min=sigma_min, sigma_max=sigma_max,
+                    sampler=sampler, raw=raw or "packed", sigma=sigma,
+                )  # fmt: skip
+        except (OSError, ValueError) as e:
+            warnings.warn(f"evaluate: skipping {path}: {e}", stacklevel=2)
+            skipped.append({"path": str(path), "reason": str(e)})
+            continue
+        pred = tiled_restore(model, inp[None], tile=tile, overlap=overlap, scale=scale)[0]
+        m = image_metrics(pred, target)
+        m_in = image_metrics(baseline_prediction(inp, target, task), target)
+        noisy_task = task in _NOISY_TASKS
+        shot, read = (
+            _noise_params(image_id, seed, sigma, sigma_min, sigma_max, sampler) if noisy_task else (None, None)
+        )
+        rows.append(
+            {
+                "image": path.name,
+                "task": task,
+                "dataset": folder.name,
+                "psnr": m["psnr"],
+                "ssim": m["ssim"],
+                "psnr_input": m_in["psnr"],
+                "ssim_input": m_in["ssim"],
+                "height": int(target.shape[-2]),
+                "width": int(target.shape[-1]),
+                "shot": shot,
+                "read": read,
+                "sigma": None if sigma is None else float(sigma),
+            }
+        )
+        say(f"[{i}/{len(files)}] {path.name}: PSNR {m['psnr']:.2f} dB (input {m_in['psnr']:.2f}), SSIM {m['ssim']:.4f}")
+    if skipped:
+        say(f"skipped {len(skipped)} unreadable file(s): {', '.join(Path(s['path']).name for s in skipped)}")
+    settings = {
+        "task": task, "dataset": folder.name, "folder": str(folder), "seed": seed, "limit": limit, "tile": tile,
+        "overlap": overlap, "gray": gray_images, "sigma": sigma, "sigma_min": sigma_min, "sigma_max": sigma_max,
+        "sampler": sampler,
+    }  # fmt: skip
+    meta = {
+        b"skipped": str(len(skipped)).encode(),
+        b"skipped_files": json.dumps(skipped).encode(),
+        b"settings": json.dumps(settings).encode(),
+    }
+    return pa.Table.from_pylist(rows, schema=_SCHEMA).replace_schema_metadata(meta)
+
+
+def skipped_files(table: pa.Table) -> list[dict[str, str]]:
+    """The files :func:`evaluate_folder` skipped: ``[{"path", "reason"}]`` from the table's metadata."""
+    meta = table.schema.metadata or {}
+    return json.loads(meta.get(b"skipped_files", b"[]"))
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+def summarise(table: pa.Table) -> dict[str, Any]:
+    """Means over the images of an :func:`evaluate_folder` table.
+
+    Keys: ``task``, ``dataset``, ``n``, ``psnr_mean``, ``psnr_std`` (population std, ddof=0),
+    ``ssim_mean``, ``psnr_input_mean``, ``ssim_input_mean``, ``skipped``. Means of an empty table are NaN.
+    """
+    rows = table.to_pylist()
+
+    def stat(col: str, fn: Callable[[np.ndarray], Any]) -> float:
+        v = np.array([r[col] for r in rows if r.get(col) is not None], dtype=np.float64)
+        return float(fn(v)) if v.size else float("nan")
+
+    meta = table.schema.metadata or {}
+    settings = json.loads(meta.get(b"settings", b"{}"))
+    first = rows[0] if rows else {}
+    return {
+        "task": first.get("task", settings.get("task")),
+        "dataset": first.get("dataset", settings.get("dataset")),
+        "n": len(rows),
+        "psnr_mean": stat("psnr", np.mean),
+        "psnr_std": stat("psnr", np.std),
+        "ssim_mean": stat("ssim", np.mean),
+        "psnr_input_mean": stat("psnr_input", np.mean),
+        "ssim_input_mean": stat("ssim_input", np.mean),
+        "skipped": int(meta.get(b"skipped", b"0")),
+    }
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if "ssim" in key:
+            return f"{v:.4f}"
+        if "psnr" in key:
+            return f"{v:.2f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (columns: the keys in first-seen order); PSNR to 0.01 dB,
+    SSIM to 4 decimals, other floats to 4 significant digits, None as an empty cell."""
+    cols = list(columns) if columns is not None else _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(c, r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_safe(v.item())
+    return v
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_stem: str | os.PathLike) -> dict[str, Path]:
+    """Write ``rows`` to ``out_stem.parquet``, ``out_stem.json`` (a list of row objects; non-finite
+    floats become null) and ``out_stem.md`` (:func:`markdown_table`). Returns ``{"parquet", "json", "md"}``
+    paths. Parent folders are created."""
+    import pyarrow.parquet as pq
+
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in rows]
+    paths = {ext: stem.with_name(stem.name + "." + ext) for ext in ("parquet", "json", "md")}
+    cols = _columns(rows)
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    pq.write_table(table.select(cols) if cols else table, paths["parquet"])
+    paths["json"].write_text(json.dumps([{k: _json_safe(r.get(k)) for k in cols} for r in rows], indent=1) + "\n")
+    paths["md"].write_text(markdown_table(rows, cols))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints / CLI
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike, task: str, **kw: Any
+) -> pa.Table:
+    """:func:`rcl_dist.models.io.load_checkpoint` then :func:`evaluate_folder` (``kw`` go to it)."""
+    from rcl_dist.models.io import load_checkpoint
+
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such data folder")
+    model, _cfg, _state = load_checkpoint(checkpoint_path)
+    return evaluate_folder(model, data_dir, task, **kw)
+
+
+def _out_stem(out: str | os.PathLike, dataset: str, task: str) -> Path:
+    p = Path(out)
+    if p.is_dir() or str(out).endswith(("/", os.sep)):
+        return p / f"{dataset}_{task}"
+    return p.with_suffix("") if p.suffix in (".parquet", ".json", ".md") else p
+
+
+def main_evaluate(
+    model: str,
+    data: str,
+    task: str,
+    out: str | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    sigma: float | None = None,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+    device: str | None = None,
+) -> int:
+    """``rcl-dist evaluate``: evaluate checkpoint ``model`` on the images of folder ``data`` for ``task``.
+
+    Prints the per-image markdown table and a summary line; with ``out`` writes the per-image rows to
+    ``out.{parquet,json,md}`` and the summary to ``out_summary.{parquet,json,md}`` (``out`` an existing
+    folder or ending in '/': ``out/<dataset>_<task>``). ``sigma``: fixed Gaussian noise on the 0-255
+    scale. ``device``: default cuda when available, else cpu. Returns 0, or 1 when no image could be
+    evaluated. A missing checkpoint or data folder raises FileNotFoundError naming the path; a bad task
+    or option raises ValueError.
+    """
+    from rcl_dist.models.io import checkpoint_file, load_checkpoint
+
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"{data}: no such data folder")
+    checkpoint_file(model)  # FileNotFoundError naming the path
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net, _cfg, _state = load_checkpoint(model, map_location=dev)
+    table = evaluate_folder(
+        net, data, task, seed=seed, limit=limit, tile=tile, overlap=overlap, sigma=sigma, device=dev,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )  # fmt: skip
+    rows = table.to_pylist()
+    summary = summarise(table)
+    print(markdown_table(rows, [c for c in RESULT_COLUMNS if c not in ("shot", "read", "sigma")]))
+    print(markdown_table([summary]))
+    if out is not None:
+        stem = _out_stem(out, summary["dataset"] or Path(data).name, summary["task"] or task)
+        paths = write_results(rows, stem)
+        write_results([summary], stem.with_name(stem.name + "_summary"))
+        print(f"results: {paths['parquet']}, {paths['json']}, {paths['md']}")
+    return 0 if rows else 1
