@@ -5,6 +5,7 @@
     rcl-dist config [--config FILE] [key=value ...]   print the validated configuration as YAML
     rcl-dist data index DIR[:SPLIT] ... --out manifest.parquet [--seed S] [--val-fraction F]
     rcl-dist data simulate --manifest manifest.parquet --out DIR [--raw] [--pairs]
+    rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--split", default=None, help="only this split")
     sim.add_argument("--gray", action="store_true", help="1-channel realisations (grey models); default RGB")
     sim.add_argument("--force", action="store_true", help="rewrite existing files (e.g. after re-indexing with another seed)")
+
+    ev = sub.add_parser("evaluate", help="PSNR/SSIM of a model on whole test images (tiled when large)")
+    ev.add_argument("--model", required=True, help="checkpoint file or folder (state.pt)")
+    ev.add_argument("--data", required=True, help="folder of test images (clean; real pairs: *_real/*_mean)")
+    ev.add_argument("--task", required=True, choices=("denoise", "gaussian", "sr", "jdensr", "jdd", "real"))
+    ev.add_argument("--out", default=None, help="write STEM.parquet/.json/.md (a folder: one file set per data set)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the fixed noisy test inputs")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    ev.add_argument("--sigma", type=float, default=None, help="Gaussian noise sigma on 0-255 (task gaussian)")
+    ev.add_argument("--tile", type=int, default=256)
+    ev.add_argument("--overlap", type=int, default=32)
 
     show = sub.add_parser("config", help="print the validated configuration")
     show.add_argument("--config", type=Path, default=None)
@@ -155,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                 _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
             _data(args)
+        elif args.command == "evaluate":
+            from rcl_dist.evaluate import main_evaluate
+
+            return main_evaluate(
+                args.model, args.data, args.task, out=args.out, seed=args.seed, limit=args.limit,
+                sigma=args.sigma, tile=args.tile, overlap=args.overlap,
+            )
         elif args.command == "config":
             import yaml
 

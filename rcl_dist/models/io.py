@@ -22,9 +22,14 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
-    """``path`` itself if it is a file, else ``path/state.pt``; a clear error when neither exists."""
+    """``path`` itself if it is a file, else ``path/state.pt``, else (a Ray run folder) the state.pt of
+    its latest ``checkpoint_*`` folder; a clear error when there is none."""
     p = Path(path)
     f = p if p.is_file() else p / CHECKPOINT_FILE
+    if not f.is_file() and p.is_dir():
+        latest = sorted(d for d in p.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file())
+        if latest:
+            f = latest[-1] / CHECKPOINT_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here (expected a {CHECKPOINT_FILE} file or a folder holding one)")
     return f
