@@ -1,0 +1,318 @@
+"""Fine-tuning with few labels (rcl_dist.train.finetune): proxy evaluation (Sec. 4) and full fine-tuning
+(Sec. 5): the label set, the task layers, what is trained, and a 2-worker Ray run tracked in MLflow."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcl_dist.config import Config, ConfigError
+from rcl_dist.models.io import load_checkpoint, save_checkpoint
+from rcl_dist.train.finetune import (
+    FinetuneSpec,
+    build_label_set,
+    finetune_local,
+    head_kind,
+    prepare_finetune_model,
+)
+from rcl_dist.train.local import build_model_from_config
+
+TINY_MODEL = {"name": "unet", "width": 4, "depth": 2}
+
+
+# ----------------------------------------------------------------------------- data and checkpoints
+
+
+def _smooth_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth 8-bit RGB image (a bilinear upsampling of a coarse random grid): learnable to denoise."""
+    coarse = torch.from_numpy(rng.uniform(0.15, 0.85, size=(1, 3, 5, 5)).astype(np.float32))
+    img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)[0]
+    return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _index(folder: Path, out: Path) -> str:
+    from rcl_dist.data.manifest import index_images
+
+    index_images([(str(folder), "train")], out, seed=0, log=lambda *_: None)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Manifests of 4 RGB images (denoise/sr/jdensr/jdd) and of 2 *_real/*_mean pairs (real)."""
+    root = tmp_path_factory.mktemp("ft_data")
+    rng = np.random.default_rng(0)
+    imgs = root / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        Image.fromarray(_smooth_rgb(rng, 40, 48)).save(imgs / f"img{i}.png")
+    real = root / "real"
+    real.mkdir()
+    for i in range(2):
+        clean = _smooth_rgb(rng, 36, 40)
+        noisy = np.clip(clean.astype(np.int16) + rng.integers(-12, 13, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(real / f"p{i}_real.png")
+        Image.fromarray(clean).save(real / f"p{i}_mean.png")
+    return {"rgb": _index(imgs, root / "rgb.parquet"), "real": _index(real, root / "real.parquet")}
+
+
+def _pretrained(folder: Path, **model) -> str:
+    """A 'pre-training' checkpoint: a seeded tiny U-Net saved the way pre-training saves it."""
+    cfg = Config.from_dict({"model": {**TINY_MODEL, **model}})
+    torch.manual_seed(123)
+    save_checkpoint(folder, build_model_from_config(cfg), cfg, step=10)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft_ckpt")
+    return {
+        "rgb": _pretrained(root / "rgb"),
+        "packed": _pretrained(root / "packed", raw="packed"),
+        "mosaic": _pretrained(root / "mosaic", raw="mosaic"),
+    }
+
+
+def _spec(source: str, manifest: str, **kw) -> FinetuneSpec:
+    base = dict(task="denoise", mode="proxy", labels=4, steps=3, batch_size=4, crop=16, seed=1, log_every=1)
+    return FinetuneSpec(source=source, manifest=manifest, **{**base, **kw})
+
+
+def _body(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.body.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"labels": 0}, "labels"),
+        ({"task": "deblur"}, "task"),
+        ({"mode": "linear"}, "mode"),
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"crop": 4}, "crop"),
+        ({"task": "sr", "crop": 17}, "crop"),
+        ({"labels": 5, "workers": 2}, "labels 5 must be divisible by workers"),
+        ({"batch_size": 3, "workers": 2, "labels": 4}, "batch_size"),
+        ({"head": "keep"}, "head 'keep'"),
+        ({"source": "none"}, "config"),
+        ({"manifest": ""}, "manifest"),
+        ({"split": "all"}, "split"),
+    ],
+)
+def test_spec_errors_name_the_field(kw, field):
+    args = {"source": "ckpt", "manifest": "m.parquet", **kw}
+    with pytest.raises(ConfigError, match=field):
+        FinetuneSpec(**args)
+
+
+def test_spec_round_trips_and_accepts_a_config():
+    spec = FinetuneSpec(source="none", manifest="m.parquet", config=Config.from_dict({"model": TINY_MODEL}), workers=2, labels=4)
+    assert isinstance(spec.config, dict) and spec.config["model"]["width"] == 4
+    assert FinetuneSpec.from_dict(spec.to_dict()) == spec
+    assert spec.per_worker_batch == 2 and spec.effective_batch_size == 4  # at most the labels
+    with pytest.raises(ConfigError, match="unknown fine-tuning field"):
+        FinetuneSpec.from_dict({**spec.to_dict(), "epochs": 3})
+
+
+# ----------------------------------------------------------------------------- the label set
+
+
+def test_label_set_is_exactly_n_deterministic_nested_and_method_independent(data, ckpts):
+    n = 10  # > 4 images: cycles over the images at new positions
+    spec = _spec(ckpts["rgb"], data["rgb"], labels=n)
+    a = build_label_set(spec, None, False)
+    b = build_label_set(spec, None, False)
+    assert len(a) == n and a.input.shape == (n, 3, 16, 16) and a.target.shape == (n, 3, 16, 16)
+    assert torch.equal(a.input, b.input) and torch.equal(a.target, b.target)
+    assert torch.equal(a.index, torch.arange(n))
+    # every label is a distinct crop, also those that reuse an image
+    flat = a.target.flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == n
+
+    # another method / mode / source / optimiser: the same labels
+    other = _spec("none", data["rgb"], labels=n, mode="full", config={"model": TINY_MODEL}, steps=50, lr=1e-4, batch_size=8)
+    c = build_label_set(other, None, False)
+    assert torch.equal(a.input, c.input) and torch.equal(a.target, c.target)
+
+    # nested: the labels of a smaller N are the first of a larger N
+    small = build_label_set(_spec(ckpts["rgb"], data["rgb"], labels=6), None, False)
+    assert torch.equal(small.input, a.input[:6]) and torch.equal(small.target, a.target[:6])
+
+    # sharded: rank r of w holds labels r::w, and the shards make up the set (any worker count)
+    for world in (2, 5):
+        sharded = _spec(ckpts["rgb"], data["rgb"], labels=n, workers=world, batch_size=world)
+        for r in range(world):
+            s = build_label_set(sharded, None, False, rank=r, world=world)
+            assert len(s) == n // world
+            assert torch.equal(s.index, torch.arange(r, n, world))
+            assert torch.equal(s.input, a.input[r::world]) and torch.equal(s.target, a.target[r::world])
+
+    # another seed: another label set
+    d = build_label_set(_spec(ckpts["rgb"], data["rgb"], labels=n, seed=2), None, False)
+    assert not torch.equal(a.target, d.target)
+
+
+# ----------------------------------------------------------------------------- task layers
+
+
+@pytest.mark.parametrize(
+    "task, source, manifest, kind, in_shape, out_shape",
+    [
+        ("denoise", "rgb", "rgb", "rgb", (3, 16, 16), (3, 16, 16)),
+        ("sr", "rgb", "rgb", "sr2", (3, 8, 8), (3, 16, 16)),
+        ("jdensr", "rgb", "rgb", "sr2", (3, 8, 8), (3, 16, 16)),
+        ("jdd", "packed", "rgb", "raw2rgb", (4, 8, 8), (3, 16, 16)),
+        ("jdd", "mosaic", "rgb", "rgb", (1, 16, 16), (3, 16, 16)),
+        ("real", "rgb", "real", "rgb", (3, 16, 16), (3, 16, 16)),
+    ],
+)
+def test_each_task_gets_its_head_and_output_shape(data, ckpts, task, source, manifest, kind, in_shape, out_shape):
+    spec = _spec(ckpts[source], data[manifest], task=task, labels=2, batch_size=2)
+    model, cfg, head, params = prepare_finetune_model(spec)
+    assert head_kind(model.head) == kind == head["kind"] and head["fresh"]
+    assert {id(p) for p in params} == {id(p) for p in model.head.parameters()}  # proxy: only the head trains
+    labels = build_label_set(spec, model.raw, False)
+    assert labels.input.shape[1:] == in_shape and labels.target.shape[1:] == out_shape
+    with torch.no_grad():
+        assert model.restore(labels.input).shape == labels.target.shape
+
+
+def test_raw_and_rgb_models_refuse_the_other_tasks(data, ckpts):
+    with pytest.raises(ValueError, match="task 'jdd'.*needs a RAW model"):
+        prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], task="jdd"))
+    with pytest.raises(ValueError, match="RAW input.*use task 'jdd'"):
+        prepare_finetune_model(_spec(ckpts["packed"], data["rgb"], task="denoise"))
+    with pytest.raises(ValueError, match="head 'keep'"):
+        prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], task="sr", mode="full", head="keep"))
+    with pytest.raises(ConfigError, match="differs from the checkpoint"):
+        prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], config={"model": {**TINY_MODEL, "width": 8}}))
+
+
+def test_which_head_is_kept_and_which_is_fresh(data, ckpts):
+    pre, _, _ = load_checkpoint(ckpts["rgb"])
+    pre_head = pre.head.conv.weight.detach()
+    # full denoise: the whole pre-trained network, last layer included
+    full, _, head, params = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], mode="full"))
+    assert not head["fresh"] and torch.equal(full.head.conv.weight, pre_head)
+    assert len(params) == len(list(full.parameters())) and all(p.requires_grad for p in full.parameters())
+    # full + head 'new', and proxy: a fresh layer, the same for every source at one seed
+    new, _, head, _ = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], mode="full", head="new"))
+    proxy, _, _, _ = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"]))
+    scratch, _, _, _ = prepare_finetune_model(_spec("none", data["rgb"], config={"model": TINY_MODEL}))
+    assert head["fresh"] and not torch.equal(new.head.conv.weight, pre_head)
+    assert torch.equal(new.head.conv.weight, proxy.head.conv.weight)
+    assert torch.equal(proxy.head.conv.weight, scratch.head.conv.weight)
+    # full sr: another output shape, so a fresh sr2 layer
+    sr, _, head, _ = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], task="sr", mode="full"))
+    assert head["fresh"] and head_kind(sr.head) == "sr2"
+    # full jdd on a packed-RAW model: pre-training already outputs full-res RGB, kept
+    _, _, head, _ = prepare_finetune_model(_spec(ckpts["packed"], data["rgb"], task="jdd", mode="full"))
+    assert not head["fresh"] and head["kind"] == "raw2rgb"
+
+
+# ----------------------------------------------------------------------------- what training changes
+
+
+def test_proxy_changes_only_the_head_full_changes_the_body(data, ckpts, tmp_path):
+    pre, _, _ = load_checkpoint(ckpts["rgb"])
+    body0 = _body(pre)
+    spec = _spec(ckpts["rgb"], data["rgb"], out=str(tmp_path / "proxy"))
+    before, _, _, _ = prepare_finetune_model(spec)
+    head0 = {k: v.clone() for k, v in before.head.state_dict().items()}
+    model, metrics, history = finetune_local(spec)
+    assert [h["step"] for h in history] == [1.0, 2.0, 3.0]
+    for k, v in _body(model).items():
+        assert torch.equal(v, body0[k]), f"proxy mode changed body weight {k}"
+    assert any(not torch.equal(v, head0[k]) for k, v in model.head.state_dict().items())
+    loaded, _, state = load_checkpoint(tmp_path / "proxy")  # the fresh head is rebuilt before loading
+    assert state["task"] == "denoise" and state["mode"] == "proxy" and state["labels"] == 4
+    assert torch.equal(loaded.head.conv.weight, model.head.conv.weight)
+
+    full, _, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"], mode="full"))
+    changed = [k for k, v in _body(full).items() if v.dtype.is_floating_point and not torch.equal(v, body0[k])]
+    assert len(changed) > len(body0) // 2
+
+
+def test_training_reduces_the_l1_loss_on_the_labels(data):
+    spec = _spec("none", data["rgb"], mode="full", config={"model": TINY_MODEL}, labels=8, batch_size=8, steps=40, log_every=10, lr=3e-3)
+    _, metrics, history = finetune_local(spec)
+    assert metrics["label_l1"] < 0.6 * metrics["label_l1_initial"], metrics
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+# ----------------------------------------------------------------------------- Ray Train + MLflow
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    home = tmp_path_factory.mktemp("rcl_home")
+    old = os.environ.get("RCL_DIST_HOME")
+    os.environ["RCL_DIST_HOME"] = str(home)
+    from rcl_dist.train.launch import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield home
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RCL_DIST_HOME", None)
+    else:
+        os.environ["RCL_DIST_HOME"] = old
+
+
+def test_mismatch_fails_before_any_worker(data, ckpts, tmp_path):
+    from rcl_dist.train.finetune import run_finetune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match="needs a RAW model"):
+        run_finetune(_spec(ckpts["rgb"], data["rgb"], task="jdd", tracking_uri=uri), log=lambda *_: None)
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run for a job that cannot start
+
+
+def test_two_ray_workers_finetune_writes_a_loadable_checkpoint_and_tracks_in_mlflow(local_ray, data, ckpts, tmp_path):
+    from mlflow import MlflowClient
+
+    from rcl_dist.train.finetune import run_finetune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _spec(
+        ckpts["rgb"], data["rgb"], task="sr", workers=2, labels=4, batch_size=4, steps=4, log_every=2,
+        tracking_uri=uri, experiment="ft-test", run_name="ft-sr", storage_path=str(tmp_path / "ray"),
+        out=str(tmp_path / "out"),
+    )  # fmt: skip
+    result = run_finetune(spec, log=lambda *_: None)
+    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
+    assert result.checkpoint_path == str(tmp_path / "out" / "state.pt") and Path(result.checkpoint_path).is_file()
+
+    model, cfg, state = load_checkpoint(result.checkpoint_path)
+    assert state["task"] == "sr" and state["mode"] == "proxy" and state["head"] == {"kind": "sr2", "out_channels": 3}
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
+    pre, _, _ = load_checkpoint(ckpts["rgb"])
+    for k, v in _body(pre).items():  # proxy through DDP: the frozen body is untouched
+        assert torch.equal(model.body.state_dict()[k], v), k
+    ray_model, _, _ = load_checkpoint(result.ray_checkpoint_path)
+    assert torch.equal(ray_model.head.conv.weight, model.head.conv.weight)
+
+    client = MlflowClient(uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "ft-sr"
+    assert run.data.tags["pretrain_checkpoint"] == ckpts["rgb"]
+    assert run.data.tags["checkpoint"] == result.checkpoint_path
+    assert run.data.params["labels"] == "4" and run.data.params["task"] == "sr" and run.data.params["workers"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [2, 4]
+    assert run.data.metrics["label_l1"] == pytest.approx(result.metrics["label_l1"])
+    assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
