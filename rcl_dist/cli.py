@@ -5,6 +5,7 @@
     rcl-dist config [--config FILE] [key=value ...]   print the validated configuration as YAML
     rcl-dist data index DIR[:SPLIT] ... --out manifest.parquet [--seed S] [--val-fraction F]
     rcl-dist data simulate --manifest manifest.parquet --out DIR [--raw] [--pairs]
+    rcl-dist finetune --from CHECKPOINT|RUN|none --task T --mode proxy|full --labels N [--manifest M] [...]
     rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
 """
 
@@ -69,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--gray", action="store_true", help="1-channel realisations (grey models); default RGB")
     sim.add_argument("--force", action="store_true", help="rewrite existing files (e.g. after re-indexing with another seed)")
 
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained model on N labelled crops (proxy or full)")
+    ft.add_argument("--from", dest="source", required=True,
+                    help="pre-training checkpoint (file/folder), a run name under $RCL_DIST_HOME/ray_results, or none")
+    ft.add_argument("--task", required=True, choices=("denoise", "sr", "jdensr", "jdd", "real"))
+    ft.add_argument("--mode", default="proxy", choices=("proxy", "full"))
+    ft.add_argument("--labels", type=int, default=100, help="N labelled training crops (seeded: the same for every method)")
+    ft.add_argument("--manifest", default=None, help="labelled images (default: the pre-training run's manifest)")
+    ft.add_argument("--config", type=Path, default=None, help="with --from none: the architecture (YAML config)")
+    ft.add_argument("--steps", type=int, default=1000)
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--crop", type=int, default=64)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--workers", type=int, default=1)
+    ft.add_argument("--use-gpu", action="store_true")
+    ft.add_argument("--tracking-uri", default=None)
+    ft.add_argument("--out", default=None, help="also copy the fine-tuned checkpoint here")
+
     ev = sub.add_parser("evaluate", help="PSNR/SSIM of a model on whole test images (tiled when large)")
     ev.add_argument("--model", required=True, help="checkpoint file or folder (state.pt)")
     ev.add_argument("--data", required=True, help="folder of test images (clean; real pairs: *_real/*_mean)")
@@ -127,6 +146,41 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
         print(f"open the UI with:  mlflow ui --backend-store-uri {r.tracking_uri}  (then http://127.0.0.1:5000)")
 
 
+def _finetune(args) -> None:
+    import json
+
+    from rcl_dist.config import load_config
+    from rcl_dist.train.finetune import FinetuneSpec, run_finetune
+    from rcl_dist.train.launch import RUN_STATE, rcl_home
+
+    source, manifest = args.source, args.manifest
+    if source != "none" and not Path(source).exists():
+        run_dir = rcl_home() / "ray_results" / source  # a pre-training run name
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--from {source}: neither a checkpoint path nor a run under {run_dir.parent}")
+        source = str(run_dir)
+    if manifest is None and source != "none":
+        state = next((p / RUN_STATE for p in [Path(source), *Path(source).parents] if (p / RUN_STATE).is_file()), None)
+        if state is None:
+            raise FileNotFoundError(f"--from {args.source}: no run state beside it to take the manifest from: pass --manifest")
+        manifest = json.loads(state.read_text())["manifest"]
+    if manifest is None:
+        raise FileNotFoundError("--from none needs --manifest")
+    spec = FinetuneSpec(
+        source=source, task=args.task, mode=args.mode, labels=args.labels, steps=args.steps,
+        batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, manifest=str(manifest),
+        workers=args.workers, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri, out=args.out,
+        config=load_config(args.config).to_dict() if source == "none" else None,
+    )
+    r = run_finetune(spec)
+    m = r.metrics or {}
+    print(f"fine-tuned ({args.task}, {args.mode}, {args.labels} labels) in {r.seconds:.1f} s: "
+          f"label L1 {m.get('label_l1_initial', float('nan')):.4g} -> {m.get('label_l1', float('nan')):.4g}")
+    print(f"checkpoint: {r.checkpoint_path}")
+    if r.mlflow_run_id:
+        print(f"MLflow run {r.mlflow_run_id} in {r.tracking_uri}")
+
+
 def _data(args) -> None:
     from rcl_dist.data import manifest
 
@@ -167,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
             _data(args)
+        elif args.command == "finetune":
+            _finetune(args)
         elif args.command == "evaluate":
             from rcl_dist.evaluate import main_evaluate
 
