@@ -6,6 +6,9 @@
     rcl-dist data index DIR[:SPLIT] ... --out manifest.parquet [--seed S] [--val-fraction F]
     rcl-dist data simulate --manifest manifest.parquet --out DIR [--raw] [--pairs]
     rcl-dist finetune --from CHECKPOINT|RUN|none --task T --mode proxy|full --labels N [--manifest M] [...]
+    rcl-dist register --run FINETUNE_RUN_ID --name NAME [--eval-data DIR]
+    rcl-dist promote --name NAME --version V [--alias champion] --eval-data DIR [--force]
+    rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT
     rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
 """
 
@@ -98,6 +101,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sigma", type=float, default=None, help="Gaussian noise sigma on 0-255 (task gaussian)")
     ev.add_argument("--tile", type=int, default=256)
     ev.add_argument("--overlap", type=int, default=32)
+
+    reg = sub.add_parser("register", help="register a fine-tuned denoiser in the MLflow model registry")
+    reg.add_argument("--run", required=True, help="the fine-tuning run id (MLflow)")
+    reg.add_argument("--name", required=True, help="registered model name")
+    reg.add_argument("--eval-data", default=None, help="evaluate on this test folder and record the metrics")
+    reg.add_argument("--eval-task", default="denoise")
+    reg.add_argument("--eval-limit", type=int, default=None)
+    reg.add_argument("--tracking-uri", default=None)
+
+    pro = sub.add_parser("promote", help="move an alias to a version if it beats the holder's PSNR")
+    pro.add_argument("--name", required=True)
+    pro.add_argument("--version", required=True)
+    pro.add_argument("--alias", default="champion")
+    pro.add_argument("--eval-data", required=True, help="the designated evaluation folder")
+    pro.add_argument("--eval-task", default="denoise")
+    pro.add_argument("--eval-limit", type=int, default=None)
+    pro.add_argument("--force", action="store_true", help="move the alias whatever the figures")
+    pro.add_argument("--tracking-uri", default=None)
+
+    den = sub.add_parser("denoise", help="denoise image files or folders (tiled; 8/16-bit kept; inputs never overwritten)")
+    den.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint")
+    den.add_argument("paths", nargs="+", metavar="PATH", help="inputs (files or folders), then the output folder or file")
+    den.add_argument("--tile", type=int, default=256)
+    den.add_argument("--overlap", type=int, default=32)
 
     show = sub.add_parser("config", help="print the validated configuration")
     show.add_argument("--config", type=Path, default=None)
@@ -223,6 +250,23 @@ def main(argv: list[str] | None = None) -> int:
             _data(args)
         elif args.command == "finetune":
             _finetune(args)
+        elif args.command == "register":
+            from rcl_dist.registry import main_register
+
+            return main_register(args.run, args.name, args.tracking_uri, args.eval_data, args.eval_task, args.eval_limit)
+        elif args.command == "promote":
+            from rcl_dist.registry import main_promote
+
+            return main_promote(
+                args.name, args.version, args.alias, args.eval_data, args.eval_task, args.force,
+                args.tracking_uri, args.eval_limit,
+            )
+        elif args.command == "denoise":
+            from rcl_dist.denoise import main_denoise
+
+            if len(args.paths) < 2:
+                raise ValueError("denoise needs at least one input and an output: rcl-dist denoise --model M IN OUT")
+            return main_denoise(args.model, args.paths[:-1], args.paths[-1], args.tile, args.overlap)
         elif args.command == "evaluate":
             from rcl_dist.evaluate import main_evaluate
 
