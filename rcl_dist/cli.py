@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rcl-dist", description="Residual Contrastive Learning for image restoration")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="RCL pre-training on images bundled with scikit-image, end to end")
+    demo = sub.add_parser("demo", help="the whole system on images bundled with scikit-image: pre-train, evaluate, register, denoise")
     demo.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
     demo.add_argument("--local", action="store_true", help="single process, no Ray/DALI/MLflow")
     demo.add_argument("--save", type=Path, default=None, help="--local: write the pre-trained weights here (.pt)")
@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.local:
                 _pretrain(cfg, args.save)
             else:
-                _pretrain_distributed(cfg, False, None)
+                from rcl_dist.demo import run_demo
+
+                run_demo([*DEMO_OVERRIDES, *args.overrides], pretrain_steps=args.steps)
         elif args.command == "pretrain":
             cfg = load_config(args.config, args.overrides)
             if args.local:

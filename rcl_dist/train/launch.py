@@ -28,6 +28,25 @@ def rcl_home() -> Path:
     return Path(os.environ.get("RCL_DIST_HOME", Path.home() / ".rcl_dist")).expanduser()
 
 
+def _running_cluster(timeout_s: float = 1.0) -> str | None:
+    """The address of a cluster started with ``ray start`` on this node (``ray up`` heads), if it
+    answers within ``timeout_s``; a stale address file is ignored (``ray.init(address="auto")``
+    would wait minutes on it)."""
+    import socket
+
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address()
+    if not address or ":" not in address:
+        return None
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up``/``ray start`` runs on
     this node); otherwise start a local Ray whose servers all listen on 127.0.0.1 only.
@@ -44,11 +63,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    try:
-        ray.init(address="auto")
+    running = _running_cluster()
+    if running is not None:
+        ray.init(address=running)
         return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
     import ray._private.ray_constants as ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

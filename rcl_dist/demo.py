@@ -1,0 +1,162 @@
+"""``rcl-dist demo`` (``make demo``): the whole system on images that ship with scikit-image.
+
+1 index the bundled photographs (tiles, each with its own noise parameters) into a manifest;
+2 RCL pre-training on 2 Ray Train workers fed by DALI (CPU), tracked in the local MLflow store;
+3 proxy evaluation (a fresh last layer trained on the same few labels) of the RCL model against no
+  pre-training;
+4 full fine-tuning of the RCL model on a few labels;
+5 register the fine-tuned denoiser, promote it to ``@champion``, denoise a sample with it;
+6 a PSNR/SSIM table (noisy input, no pre-training, RCL) and a side-by-side PNG.
+
+Evaluation images: the first Kodak24 images of ``shared/data`` when present, else held-out bundled
+photographs that training never saw (the grey set converted to RGB). Budgets are small: the point is
+the flow, not the figures (``benchmarks/fidelity.py`` measures those).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["run_demo"]
+
+DEMO_MODEL = "rcl-demo-denoiser"
+
+
+def _eval_folder(home: Path, n: int) -> tuple[Path, str]:
+    from skimage import io
+
+    from rcl_dist.data.images import bundled_images, shared_data_dir
+
+    root = shared_data_dir()
+    if root is not None and (root / "test" / "Kodak24").is_dir():
+        folder = home / "demo" / "eval_kodak"
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in sorted((root / "test" / "Kodak24").glob("*.png"))[:n]:
+            if not (folder / p.name).exists():
+                shutil.copy(p, folder / p.name)
+        return folder, f"the first {n} Kodak24 images"
+    folder = home / "demo" / "eval_bundled"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(bundled_images(gray=True)[:n]):  # photographs training never used
+        path = folder / f"gray_{i}.png"
+        if not path.exists():
+            io.imsave(path, (np.repeat(img, 3, 0).transpose(1, 2, 0) * 255).round().astype(np.uint8), check_contrast=False)
+    return folder, f"{n} held-out scikit-image photographs"
+
+
+def _side_by_side(panels: list[tuple[str, np.ndarray]], out: Path) -> None:
+    """A PNG of [H, W, 3] float panels in a row, each titled."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    for i, (title, img) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(np.clip(img, 0, 1))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def run_demo(
+    overrides: list[str],
+    *,
+    pretrain_steps: int = 100,
+    finetune_steps: int = 150,
+    labels: int = 64,
+    full_labels: int = 32,
+    eval_images: int = 3,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the flow; returns the table rows and the paths it wrote."""
+    import torch
+
+    from rcl_dist.config import load_config
+    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise, tiled_restore
+    from rcl_dist.data.images import load_image
+    from rcl_dist.models.io import load_checkpoint
+    from rcl_dist.registry import promote, register
+    from rcl_dist.tracking import resolve_tracking_uri
+    from rcl_dist.train.finetune import FinetuneSpec, run_finetune
+    from rcl_dist.train.launch import RUN_STATE, rcl_home, run_pretrain
+
+    t0 = time.perf_counter()
+    home = rcl_home()
+    uri = resolve_tracking_uri(None)
+    cfg = load_config(None, [*overrides, f"train.steps={pretrain_steps}"])
+
+    log(f"[demo 1-2/6] index bundled images, RCL pre-training ({pretrain_steps} steps, {cfg.dist.workers} workers)")
+    pre = run_pretrain(cfg, log=log)
+    manifest = __import__("json").loads((Path(pre.storage_path) / pre.run_name / RUN_STATE).read_text())["manifest"]
+
+    eval_dir, eval_what = _eval_folder(home, eval_images)
+    crop = cfg.data.crop
+
+    def finetune(source: str, mode: str, n: int, name: str):
+        spec = FinetuneSpec(
+            source=source, task="denoise", mode=mode, labels=n, steps=finetune_steps, batch_size=16, crop=crop,
+            manifest=manifest, workers=1, experiment="rcl-demo", run_name=f"{name}-{time.strftime('%H%M%S')}",
+            config=cfg.to_dict() if source == "none" else None, log_every=max(1, finetune_steps // 5),
+        )
+        return run_finetune(spec, log=log)
+
+    log(f"[demo 3/6] proxy evaluation: a fresh last layer on {labels} labelled crops, RCL vs no pre-training")
+    ckpt = str(Path(pre.checkpoint_path))
+    proxy_rcl = finetune(ckpt, "proxy", labels, "demo-proxy-rcl")
+    proxy_none = finetune("none", "proxy", labels, "demo-proxy-scratch")
+    log(f"[demo 4/6] full fine-tuning of the RCL model on {full_labels} labelled crops")
+    full_rcl = finetune(ckpt, "full", full_labels, "demo-full-rcl")
+    full_none = finetune("none", "full", full_labels, "demo-full-scratch")
+
+    rows = []
+    tables = {}
+    for label, res in [
+        ("no pre-training, proxy", proxy_none),
+        ("RCL, proxy", proxy_rcl),
+        (f"no pre-training, full ({full_labels} labels)", full_none),
+        (f"RCL, full ({full_labels} labels)", full_rcl),
+    ]:
+        model, _, _ = load_checkpoint(res.checkpoint_path)
+        t = evaluate_folder(model, eval_dir, "denoise", progress=lambda *_: None)
+        tables[label] = model
+        s = summarise(t)
+        if not rows:
+            rows.append({"method": "noisy input", "psnr": s["psnr_input_mean"], "ssim": s["ssim_input_mean"]})
+        rows.append({"method": label, "psnr": s["psnr_mean"], "ssim": s["ssim_mean"]})
+
+    log("[demo 5/6] register the fully fine-tuned RCL denoiser, promote it to @champion, denoise a sample")
+    mv = register(full_rcl.mlflow_run_id, DEMO_MODEL, tracking_uri=uri)
+    decision = promote(DEMO_MODEL, mv.version, "champion", eval_data=str(eval_dir), tracking_uri=uri)
+    log(f"  {DEMO_MODEL} v{mv.version}: {decision['decision']} ({decision['reason']})")
+    from rcl_dist.denoise import denoise_paths
+
+    sample = sorted(eval_dir.iterdir())[0]
+    out_dir = home / "demo" / "denoised"
+    denoise_paths(f"models:/{DEMO_MODEL}@champion", [str(sample)], str(out_dir), tracking_uri=uri, progress=False)
+
+    clean = torch.from_numpy(load_image(sample, gray=False))
+    noisy, _ = make_test_pair(clean, "denoise", image_id=file_image_id(sample))
+    panels = [("noisy input", noisy), ("clean", clean)]
+    for label in ("no pre-training, proxy", "RCL, proxy", f"RCL, full ({full_labels} labels)"):
+        panels.insert(-1, (label, tiled_restore(tables[label], noisy[None])[0]))
+    png = home / "demo" / "side_by_side.png"
+    _side_by_side([(t, p.permute(1, 2, 0).numpy()) for t, p in panels], png)
+
+    log(f"[demo 6/6] PSNR / SSIM on {eval_what} (denoising, noise fixed per image):")
+    log("| method | PSNR (dB) | SSIM |\n|---|---|---|")
+    for r in rows:
+        log(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    log(f"side-by-side: {png}")
+    log(f"denoised sample: {out_dir / sample.name}")
+    log(f"MLflow store: {uri}")
+    log(f"open its UI with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    log(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return {"rows": rows, "side_by_side": str(png), "tracking_uri": uri, "model_version": mv.version}
