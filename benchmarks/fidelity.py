@@ -1,0 +1,1261 @@
+"""Fidelity harness: the paper's method matrix (Sec. 5, App. D) through one pipeline at one budget.
+
+    python benchmarks/fidelity.py --preset smoke --out benchmarks/results/fidelity_smoke
+    python benchmarks/fidelity.py --preset cpu   --out benchmarks/results/fidelity_cpu
+    python benchmarks/fidelity.py --preset gpu   --out benchmarks/results/fidelity_gpu
+    python benchmarks/fidelity.py --preset cpu --out ... --dry-run        # print the plan, run nothing
+    python benchmarks/fidelity.py --preset cpu --out ... --only 'RCL-EMD|0|'   # only matching cells (+ deps)
+
+Writes ``<out>.md`` (tables in the paper's layout, the command, commit and machine), ``<out>.json``
+(a list of rows: ``method, task, dataset, psnr_mean, psnr_std, ssim_mean, seeds, labels`` plus
+``study, sigma, ssim_std, n_images, psnr_input_mean, ssim_input_mean, seed_list``), ``<out>.parquet``
+(the same rows) and ``<out>_fig2.png`` (the paper's Fig. 2). Scratch state lives in ``<out>_work/``:
+``cache.jsonl`` (the results cache), ``home/`` (``$RCL_DIST_HOME`` unless it is set: the MLflow store,
+Ray results, pre-training checkpoints), ``checkpoints/`` (fine-tuned models), ``data/`` (manifests,
+the PolyU split). Every training run, and every evaluation, is an MLflow run in experiment
+``rcl-fidelity-<preset>`` (``--experiment``), tagged ``fidelity.cell``.
+
+The matrix (every pre-training on CBSD432, ``train/CBSD432``, with one manifest; noisy images only
+except the Oracle; same backbone, crop, batch and step budget for every method):
+
+* pre-training methods: RCL-EMD, RCL-BD, RCL-MMD (Eq. 6 with each distance), N2N, N2S,
+  Consistency (Eq. 5 only), Oracle (``loss.method=supervised``: supervised denoising on clean pairs),
+  and RCL-EMD on packed RAW (``model.raw=packed``, App. B.2) for JDD; "No pre-training" is a randomly
+  initialised network of the same architecture (fine-tuning ``source="none"``).
+* proxy evaluation (Sec. 4: everything frozen but a fresh last layer, trained on ``proxy_labels``
+  labelled crops of CBSD432 (PolyU-train for ``real``), L1, Adam): denoise (CBSD68, Kodak24, McMaster;
+  Table 1), SR x2 and JDenSR (Set5 HR, Set14, CBSD68; Table 2), JDD from RAW (CBSD68, Kodak24,
+  McMaster mosaicked and noised in RAW; Table 4) and real noise (PolyU test split). Test inputs come
+  from :func:`rcl_dist.evaluate.make_test_pair` with evaluation seed 0 for every method and seed.
+* "SL (Den)" (Table 2): the Oracle's supervised *denoising* network, proxy-fine-tuned to SR, JDenSR
+  and real noise like the unsupervised methods.
+* "Oracle" per task: for denoise, the supervised-denoising pre-training followed by the same proxy
+  fine-tuning (Table 1's Oracle). For SR, JDenSR, JDD and real noise, where a denoising network is not
+  the task's supervised model, the Oracle is supervised training *on that task* (full fine-tuning from
+  random initialisation) with the pre-training budget: ``pretrain_steps`` steps at the pre-training
+  batch, on ``oracle_labels`` labelled crops (Table 2/4's Oracle: "supervised pre-training" on the task).
+* seeds: RCL-EMD, N2N, N2S, No pre-training and Oracle on denoise run with every seed of ``seeds``
+  (pre-training seed = fine-tuning seed: model init, batches, label set and fresh head); the table
+  gives the mean over seeds and their standard deviation (ddof=1; null with one seed). Other rows: the
+  first seed.
+* label efficiency (Table 3): full fine-tuning on 10, 100, 1000 labelled crops (nested label sets,
+  same seed for both arms) of the RCL-EMD network ("RCL-EMD + SL") and of a random initialisation
+  ("SL (scratch)"), plus the zero-label row: the pre-trained RCL-EMD network applied as it is.
+* context: the denoise Oracle under plain Gaussian noise sigma 15/25/50 on CBSD68 (evaluation task
+  ``gaussian``); published CBM3D / CDnCNN figures beside it. The training noise is NLF with sigma in
+  [0, 20]: sigma 25 and 50 are outside it.
+* Fig. 2: for the trained RCL-EMD network (first seed), the density of EMD(neg) - EMD(pos) on pairs of
+  overlapping crops of CBSD68 images (one noisy realisation per image, its own NLF parameters),
+  before training (a fresh initialisation from the run's config and seed) and after.
+* real noise: PolyU_cropped pairs (``*_real`` / ``*_mean``) split by pair name: pairs are ordered by
+  sha256("polyu-split|0|<name>") and the first 30 % are the test split, the rest the labelled
+  training split (70/30, listed in the md).
+
+Resume: every finished cell (method, seed, task, labels) is one JSON line in ``cache.jsonl``, with a
+fingerprint of the preset; a rerun skips cells whose line is there with the same fingerprint (and, for
+cells whose checkpoint a later cell needs, whose checkpoint file still exists). An interrupted
+pre-training resumes from its last Ray checkpoint (``dist.checkpoint_every``). Failed cells are listed
+in the md and the exit status is 1; rerun to retry them.
+
+Presets (the budget is the same for every method within a preset):
+
+* ``smoke``: U-Net width 8 depth 2, 32^2 crops, batch 8, 4 pre-training / 4 fine-tuning steps, 1 seed,
+  2 test images per set: the whole matrix (55 cells) end to end in 5 minutes on this 2-core machine
+  (8 pre-trainings ~19 s each, almost all Ray start-up; 44 fine-tunings ~3 s each). Its numbers are
+  meaningless.
+* ``cpu``: U-Net width 16 depth 3, 64^2 crops, batch 16, 1000 pre-training steps, 300 proxy steps on
+  200 labels, 600 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed 0),
+  12 test images per set, 2 Ray workers, fine-tuning in this process (``finetune_local``: a proxy run
+  trains one layer, and a Ray Train run costs ~20 s to start). Not run in full. Estimated
+  **about 75 minutes** on this 2-core machine, from cells of this preset timed here (other jobs were
+  sharing the 2 cores, load average 3-6): pre-training (1000 steps, incl. ~20 s Ray start-up)
+  RCL-EMD 236 s, RCL-MMD 274 s, N2N 147 s, RAW RCL-EMD 84 s; proxy fine-tuning + evaluation of 3 sets
+  25 s; a task Oracle (SR, 1000 full steps on 2000 labels) 31 s; a label-efficiency run (600 full steps,
+  1000 labels) 55 s. So: 16 pre-trainings ~48 min (6 with the EfficientNet-Lite0 consistency term at
+  ~240-275 s, 9 N2N/N2S/Oracle at ~150 s, RAW RCL-EMD ~85 s), 44 proxy cells ~18 min, 4 task Oracles + 6
+  label-efficiency runs ~7 min, the rest (zero-label, Gaussian context, Fig. 2) < 1 min. At this budget
+  the proxy heads have not converged (RCL-EMD's label L1 0.285 -> 0.048 after 300 steps, still falling).
+* ``gpu``: the paper's settings: U-Net width 32 depth 4, 128^2 crops, batch 64, ``dist.use_gpu``,
+  20000 pre-training steps, 5 seeds (denoising rows), 3 seeds for label efficiency, every test image.
+  Not timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One budget for the whole matrix. Every method is pre-trained and fine-tuned with these numbers."""
+
+    name: str
+    width: int  # U-Net width (channels of the first level)
+    depth: int  # U-Net depth (2x downsamplings)
+    crop: int  # pre-training and fine-tuning crop side (HR side for SR)
+    batch_size: int  # global batch: pre-training, fine-tuning (at most the labels) and the task Oracles
+    pretrain_steps: int  # pre-training steps; also the task Oracles' supervised steps
+    proxy_steps: int  # proxy fine-tuning steps (last layer only)
+    proxy_labels: int  # labelled crops for proxy fine-tuning
+    full_steps: int  # label-efficiency full fine-tuning steps
+    label_counts: tuple[int, ...]  # label-efficiency study: labelled crops
+    oracle_labels: int  # task Oracles (sr, jdensr, jdd, real): labelled crops of their supervised training
+    seeds: tuple[int, ...]  # denoising rows of RCL-EMD, N2N, N2S, No pre-training, Oracle
+    label_seeds: tuple[int, ...]  # label-efficiency seeds (a subset of `seeds`)
+    eval_limit: int | None  # test images per set (None: all)
+    fig2_images: int  # CBSD68 images (anchors) of the Fig. 2 batch
+    workers: int  # Ray Train workers (pre-training; and fine-tuning with the ray engine)
+    use_gpu: bool
+    threads: int  # DALI threads per worker
+    finetune_engine: str  # "local" (finetune_local in this process, tracked here) or "ray" (run_finetune)
+    log_every: int
+    checkpoint_every: int
+    label_threads: int = 0  # DataLoader workers that read label crops
+    sigmas: tuple[float, ...] = (15.0, 25.0, 50.0)  # Gaussian context rows
+    lr: float = 1e-3  # Adam, Sec. 4 (pre-training and fine-tuning)
+
+    def __post_init__(self) -> None:
+        if self.finetune_engine not in ("local", "ray"):
+            raise ValueError(f"preset {self.name}: finetune_engine must be 'local' or 'ray', got {self.finetune_engine!r}")
+        for k in ("width", "depth", "batch_size", "pretrain_steps", "proxy_steps", "proxy_labels", "full_steps",
+                  "oracle_labels", "fig2_images", "workers", "log_every", "checkpoint_every"):  # fmt: skip
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"preset {self.name}: {k} must be a positive integer, got {getattr(self, k)!r}")
+        if self.crop % 2 or self.crop < 8:
+            raise ValueError(f"preset {self.name}: crop must be even and >= 8 (SR, RAW), got {self.crop}")
+        if not self.seeds or not self.label_counts:
+            raise ValueError(f"preset {self.name}: seeds and label_counts must not be empty")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke", width=8, depth=2, crop=32, batch_size=8, pretrain_steps=4, proxy_steps=4, proxy_labels=8,
+        full_steps=4, label_counts=(10, 100, 1000), oracle_labels=16, seeds=(0,), label_seeds=(0,), eval_limit=2,
+        fig2_images=8, workers=2, use_gpu=False, threads=1, finetune_engine="local", log_every=2, checkpoint_every=50,
+    ),
+    "cpu": Preset(
+        name="cpu", width=16, depth=3, crop=64, batch_size=16, pretrain_steps=1000, proxy_steps=300, proxy_labels=200,
+        full_steps=600, label_counts=(10, 100, 1000), oracle_labels=2000, seeds=(0, 1, 2), label_seeds=(0,),
+        eval_limit=12, fig2_images=32, workers=2, use_gpu=False, threads=1, finetune_engine="local", log_every=50,
+        checkpoint_every=250,
+    ),
+    "gpu": Preset(
+        name="gpu", width=32, depth=4, crop=128, batch_size=64, pretrain_steps=20000, proxy_steps=2000,
+        proxy_labels=1000, full_steps=5000, label_counts=(10, 100, 1000), oracle_labels=20000, seeds=(0, 1, 2, 3, 4),
+        label_seeds=(0, 1, 2), eval_limit=None, fig2_images=64, workers=1, use_gpu=True, threads=4,
+        finetune_engine="ray", log_every=100, checkpoint_every=1000, label_threads=8,
+    ),
+}  # fmt: skip
+
+# Pre-training methods: display name -> config overrides (on top of the preset's base overrides).
+PRETRAIN_METHODS: dict[str, list[str]] = {
+    "RCL-EMD": ["loss.method=rcl", "loss.distance=emd"],
+    "RCL-BD": ["loss.method=rcl", "loss.distance=bd"],
+    "RCL-MMD": ["loss.method=rcl", "loss.distance=mmd"],
+    "N2N": ["loss.method=n2n"],
+    "N2S": ["loss.method=n2s"],
+    "Consistency": ["loss.method=consistency"],
+    "Oracle": ["loss.method=supervised"],
+    "RCL-EMD (RAW)": ["loss.method=rcl", "loss.distance=emd", "model.raw=packed"],
+}
+RANDOM_INIT = "No pre-training"
+SL_DEN = "SL (Den)"
+RCL_SL = "RCL-EMD + SL"
+SL_SCRATCH = "SL (scratch)"
+RCL_ZERO = "RCL-EMD (no fine-tuning)"
+MULTI_SEED = ("RCL-EMD", "N2N", "N2S", RANDOM_INIT, "Oracle")  # denoising rows with every seed
+PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Consistency", RANDOM_INIT)
+METHOD_ORDER = PROXY_RGB + (SL_DEN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL)
+
+# Evaluation sets per task: (dataset name, path under shared/data).
+EVAL_SETS: dict[str, list[tuple[str, str]]] = {
+    "denoise": [("CBSD68", "test/CBSD68"), ("Kodak24", "test/Kodak24"), ("McMaster", "test/McMaster")],
+    "sr": [("Set5", "sr/Set5/HR"), ("Set14", "sr/Set14"), ("CBSD68", "test/CBSD68")],
+    "jdensr": [("Set5", "sr/Set5/HR"), ("Set14", "sr/Set14"), ("CBSD68", "test/CBSD68")],
+    "jdd": [("CBSD68", "test/CBSD68"), ("Kodak24", "test/Kodak24"), ("McMaster", "test/McMaster")],
+    "real": [("PolyU", "@polyu_test")],
+    "gaussian": [("CBSD68", "test/CBSD68")],
+}
+TRAIN_SET = "train/CBSD432"
+POLYU = "real/PolyU_cropped"
+POLYU_TEST_FRACTION = 0.3
+EVAL_SEED = 0  # test inputs: the same for every method, seed and run
+# Published CBSD68 figures (shared/data/README.md), sigma 15/25/50: context, not targets.
+PUBLISHED_CBSD68 = {"CBM3D": (33.52, 30.71, 27.38), "CDnCNN": (33.89, 31.23, 27.92), "FFDNet": (33.87, 31.21, 27.96)}
+
+ROW_KEYS = ("method", "task", "dataset", "psnr_mean", "psnr_std", "ssim_mean", "seeds", "labels")
+EXTRA_ROW_KEYS = ("study", "sigma", "ssim_std", "n_images", "psnr_input_mean", "ssim_input_mean", "seed_list")
+
+
+def base_overrides(p: Preset) -> list[str]:
+    """Config overrides every pre-training (and every random initialisation) shares."""
+    return [
+        "model.name=unet",
+        f"model.width={p.width}",
+        f"model.depth={p.depth}",
+        f"data.crop={p.crop}",
+        f"data.threads={p.threads}",
+        f"train.batch_size={p.batch_size}",
+        f"train.steps={p.pretrain_steps}",
+        f"train.lr={p.lr}",
+        f"train.log_every={p.log_every}",
+        f"dist.workers={p.workers}",
+        f"dist.use_gpu={'true' if p.use_gpu else 'false'}",
+        f"dist.checkpoint_every={p.checkpoint_every}",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """One unit of work: a pre-training, or a fine-tuning + its evaluation, or an evaluation only.
+
+    ``kind``: pretrain | finetune | zero (evaluate a pre-trained model as it is) | gaussian (evaluate
+    a fine-tuned model under Gaussian noise) | fig2. ``source``: the key of the cell whose checkpoint
+    this one starts from (None: random initialisation / nothing).
+    """
+
+    kind: str
+    method: str
+    seed: int
+    task: str
+    labels: int
+    study: str = ""
+    source: str | None = None
+    overrides: list[str] = field(default_factory=list)  # pretrain: config overrides
+    raw: bool = False  # random init / pretrain: packed-RAW model
+    mode: str = "proxy"
+    steps: int = 0
+    batch_size: int = 0
+    manifest: str = "train"  # "train" (CBSD432) or "real" (PolyU train split)
+    evals: list[tuple[str, str, str, float | None]] = field(default_factory=list)  # (dataset, folder key, task, sigma)
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.method, self.seed, self.task, self.labels)
+
+
+def cell_key(method: str, seed: int, task: str, labels: int) -> str:
+    return f"{method}|{seed}|{task}|{labels}"
+
+
+def _evals(task: str, sigmas: Iterable[float] = ()) -> list[tuple[str, str, str, float | None]]:
+    if task == "gaussian":
+        return [(name, path, "gaussian", float(s)) for name, path in EVAL_SETS["gaussian"] for s in sigmas]
+    return [(name, path, task, None) for name, path in EVAL_SETS[task]]
+
+
+def build_plan(p: Preset) -> list[Cell]:
+    """Every cell of the matrix, dependencies first (pre-trainings, then fine-tunings and evaluations)."""
+    first = p.seeds[0]
+    if not set(p.label_seeds) <= set(p.seeds):
+        raise ValueError(f"preset {p.name}: label_seeds {p.label_seeds} must be a subset of seeds {p.seeds}")
+    cells: list[Cell] = []
+
+    def pre_seeds(method: str) -> tuple[int, ...]:
+        return p.seeds if method in ("RCL-EMD", "N2N", "N2S", "Oracle") else (first,)
+
+    for method, ov in PRETRAIN_METHODS.items():
+        for s in pre_seeds(method):
+            cells.append(Cell("pretrain", method, s, "pretrain", 0, study="pretrain", overrides=list(ov),
+                              raw="model.raw=packed" in ov, steps=p.pretrain_steps, batch_size=p.batch_size))  # fmt: skip
+
+    def proxy(method: str, seed: int, task: str, source_method: str | None, raw: bool = False, study: str = "proxy") -> Cell:
+        return Cell(
+            "finetune", method, seed, task, p.proxy_labels, study=study,
+            source=None if source_method is None else cell_key(source_method, seed, "pretrain", 0),
+            raw=raw, mode="proxy", steps=p.proxy_steps, batch_size=p.batch_size,
+            manifest="real" if task == "real" else "train", evals=_evals(task),
+        )  # fmt: skip
+
+    def task_oracle(task: str) -> Cell:
+        return Cell(
+            "finetune", "Oracle", first, task, p.oracle_labels, study="proxy", source=None, raw=task == "jdd",
+            mode="full", steps=p.pretrain_steps, batch_size=p.batch_size,
+            manifest="real" if task == "real" else "train", evals=_evals(task),
+        )  # fmt: skip
+
+    # Table 1: denoising, proxy
+    for method in PROXY_RGB + ("Oracle",):
+        for s in p.seeds if method in MULTI_SEED else (first,):
+            cells.append(proxy(method, s, "denoise", None if method == RANDOM_INIT else method))
+    # Table 2: SR and JDenSR; real noise (PolyU)
+    for task in ("sr", "jdensr", "real"):
+        for method in PROXY_RGB:
+            cells.append(proxy(method, first, task, None if method == RANDOM_INIT else method))
+        cells.append(proxy(SL_DEN, first, task, "Oracle"))
+        cells.append(task_oracle(task))
+    # Table 4: JDD from packed RAW
+    cells.append(proxy("RCL-EMD", first, "jdd", "RCL-EMD (RAW)", raw=True))
+    cells.append(proxy(RANDOM_INIT, first, "jdd", None, raw=True))
+    cells.append(task_oracle("jdd"))
+    # Table 3: label efficiency
+    for s in p.label_seeds:
+        cells.append(Cell("zero", RCL_ZERO, s, "denoise", 0, study="label-efficiency",
+                          source=cell_key("RCL-EMD", s, "pretrain", 0), evals=_evals("denoise")))  # fmt: skip
+        for n in p.label_counts:
+            for method, src in ((RCL_SL, cell_key("RCL-EMD", s, "pretrain", 0)), (SL_SCRATCH, None)):
+                cells.append(Cell("finetune", method, s, "denoise", n, study="label-efficiency", source=src,
+                                  mode="full", steps=p.full_steps, batch_size=p.batch_size, evals=_evals("denoise")))  # fmt: skip
+    # context: the Oracle under Gaussian noise
+    for s in p.seeds:
+        cells.append(Cell("gaussian", "Oracle", s, "gaussian", p.proxy_labels, study="context",
+                          source=cell_key("Oracle", s, "denoise", p.proxy_labels), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
+    # Fig. 2
+    cells.append(Cell("fig2", "RCL-EMD", first, "fig2", 0, study="fig2", source=cell_key("RCL-EMD", first, "pretrain", 0)))
+    keys = [c.key for c in cells]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise AssertionError(f"duplicate cells: {sorted(dup)}")
+    return cells
+
+
+def pretrain_config(p: Preset, cell: Cell, manifest: str = "manifest.parquet", *, experiment: str = "rcl-fidelity",
+                    run_name: str | None = None, storage_path: str | None = None):  # fmt: skip
+    """The validated :class:`rcl_dist.config.Config` of a pre-training cell."""
+    from rcl_dist.config import load_config
+
+    ov = base_overrides(p) + cell.overrides + [
+        f"train.seed={cell.seed}",
+        f"data.manifest={manifest}",
+        f"tracking.experiment={experiment}",
+    ]
+    if run_name:
+        ov.append(f"dist.run_name={run_name}")
+    if storage_path:
+        ov.append(f"dist.storage_path={storage_path}")
+    return load_config(None, ov)
+
+
+def random_init_config(p: Preset, raw: bool) -> dict[str, Any]:
+    """The architecture of "No pre-training" and of the task Oracles: the pre-training config's model."""
+    from rcl_dist.config import load_config
+
+    return load_config(None, base_overrides(p) + (["model.raw=packed"] if raw else [])).to_dict()
+
+
+def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experiment: str = "rcl-fidelity",
+                  tracking_uri: str | None = None, run_name: str | None = None, out: str | None = None,
+                  storage_path: str | None = None, workers: int | None = None):  # fmt: skip
+    """The :class:`FinetuneSpec` of a fine-tuning cell (``source``: checkpoint path or "none")."""
+    from rcl_dist.train.finetune import FinetuneSpec
+
+    engine_ray = p.finetune_engine == "ray"
+    w = (workers or p.workers) if engine_ray else 1
+    labels = cell.labels
+    batch = min(cell.batch_size, labels)
+    batch -= batch % w
+    return FinetuneSpec(
+        source=source,
+        task=cell.task,
+        mode=cell.mode,
+        labels=labels,
+        steps=cell.steps,
+        batch_size=max(batch, w),
+        lr=p.lr,
+        seed=cell.seed,
+        crop=p.crop,
+        manifest=manifest,
+        config=random_init_config(p, cell.raw) if source == "none" else None,
+        workers=w,
+        use_gpu=p.use_gpu and engine_ray,
+        label_threads=p.label_threads,
+        log_every=max(1, min(p.log_every, cell.steps)),
+        tracking=engine_ray,  # the local engine is tracked by this harness
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        storage_path=storage_path,
+        out=out,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class ResultsCache:
+    """Finished cells, one JSON object per line (appended and fsynced as each cell finishes).
+
+    A record holds ``key`` and ``fingerprint``; :meth:`get` returns it only when the fingerprint
+    matches (a changed preset re-runs its cells). A torn last line (a crash mid-write) is ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.records: dict[str, dict[str, Any]] = {}
+        self.stale = 0
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(rec, dict) or "key" not in rec:
+                    continue
+                if rec.get("fingerprint") != fingerprint:
+                    self.stale += 1
+                    continue
+                self.records[rec["key"]] = rec
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.records.get(key)
+
+    def drop(self, key: str) -> None:
+        self.records.pop(key, None)
+
+    def put(self, record: dict[str, Any]) -> dict[str, Any]:
+        rec = {**record, "fingerprint": self.fingerprint}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # a line cut short by a crash: start on a new line
+        with open(self.path, "a") as f:
+            f.write(("\n" if torn else "") + json.dumps(rec, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[rec["key"]] = rec
+        return rec
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def rows_from_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate the evaluation results of cached cells into table rows, one per
+    (study, method, task, dataset, labels, sigma): means over seeds of the per-seed image means;
+    ``psnr_std`` / ``ssim_std``: standard deviation over seeds (ddof=1), null with one seed."""
+    import statistics
+
+    groups: dict[tuple, list[tuple[int, dict[str, Any]]]] = {}
+    for rec in records:
+        for res in rec.get("results") or []:
+            k = (rec.get("study", ""), rec["method"], res["task"], res["dataset"], int(rec["labels"]), res.get("sigma"))
+            groups.setdefault(k, []).append((int(rec["seed"]), res))
+    rows = []
+    for (study, method, task, dataset, labels, sigma), items in groups.items():
+        items.sort(key=lambda t: t[0])
+        seeds = [s for s, _ in items]
+
+        def col(name: str) -> list[float]:
+            return [v for v in (_finite(r.get(name)) for _, r in items) if v is not None]
+
+        def mean(vals: list[float]) -> float | None:
+            return statistics.fmean(vals) if vals else None
+
+        def std(vals: list[float]) -> float | None:
+            return statistics.stdev(vals) if len(vals) >= 2 else None
+
+        psnr, ssim = col("psnr_mean"), col("ssim_mean")
+        rows.append(
+            {
+                "method": method,
+                "task": task,
+                "dataset": dataset,
+                "psnr_mean": mean(psnr),
+                "psnr_std": std(psnr),
+                "ssim_mean": mean(ssim),
+                "seeds": len(seeds),
+                "labels": labels,
+                "study": study,
+                "sigma": sigma,
+                "ssim_std": std(ssim),
+                "n_images": int(min((r.get("n") or 0) for _, r in items)),
+                "psnr_input_mean": mean(col("psnr_input_mean")),
+                "ssim_input_mean": mean(col("ssim_input_mean")),
+                "seed_list": ",".join(str(s) for s in seeds),
+            }
+        )
+    order = {"proxy": 0, "label-efficiency": 1, "context": 2}
+    task_order = {t: i for i, t in enumerate(("denoise", "sr", "jdensr", "jdd", "real", "gaussian"))}
+    methods = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["study"], 9), task_order.get(r["task"], 9), methods.get(r["method"], 99),
+                             r["method"], r["labels"], r["dataset"], r["sigma"] or 0.0))  # fmt: skip
+    return rows
+
+
+def write_rows(rows: Sequence[dict[str, Any]], out_stem: str | os.PathLike) -> dict[str, Path]:
+    """``out_stem.json`` (a list of row objects, non-finite -> null) and ``out_stem.parquet``: the
+    documented keys first, in :data:`ROW_KEYS` + :data:`EXTRA_ROW_KEYS` order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    cols = list(ROW_KEYS) + list(EXTRA_ROW_KEYS)
+    clean = [{k: (_finite(r.get(k)) if isinstance(r.get(k), float) else r.get(k)) for k in cols} for r in rows]
+    schema = pa.schema(
+        [
+            ("method", pa.string()), ("task", pa.string()), ("dataset", pa.string()),
+            ("psnr_mean", pa.float64()), ("psnr_std", pa.float64()), ("ssim_mean", pa.float64()),
+            ("seeds", pa.int64()), ("labels", pa.int64()), ("study", pa.string()), ("sigma", pa.float64()),
+            ("ssim_std", pa.float64()), ("n_images", pa.int64()), ("psnr_input_mean", pa.float64()),
+            ("ssim_input_mean", pa.float64()), ("seed_list", pa.string()),
+        ]
+    )  # fmt: skip
+    paths = {"json": stem.with_name(stem.name + ".json"), "parquet": stem.with_name(stem.name + ".parquet")}
+    paths["json"].write_text(json.dumps(clean, indent=1) + "\n")
+    pq.write_table(pa.Table.from_pylist(clean, schema=schema), paths["parquet"])
+    return paths
+
+
+def _fmt_cell(row: dict[str, Any] | None, with_ssim: bool = True) -> str:
+    if row is None or row.get("psnr_mean") is None:
+        return "–"
+    s = f"{row['psnr_mean']:.2f}"
+    if row.get("psnr_std") is not None:
+        s += f" ± {row['psnr_std']:.2f}"
+    if with_ssim and row.get("ssim_mean") is not None:
+        s += f" / {row['ssim_mean']:.4f}"
+    return s
+
+
+def _pivot(rows: list[dict[str, Any]], methods: Sequence[str], columns: Sequence[tuple[str, str]], *, study: str) -> str:
+    """Markdown table: one line per method, one column per (task, dataset): "PSNR ± std / SSIM"."""
+    index = {(r["method"], r["task"], r["dataset"]): r for r in rows if r["study"] == study}
+    head = "| method | " + " | ".join(f"{t} {d}" for t, d in columns) + " |"
+    lines = [head, "|---|" + "---|" * len(columns)]
+    for m in methods:
+        cells = [_fmt_cell(index.get((m, t, d))) for t, d in columns]
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    inputs = []
+    for t, d in columns:
+        any_row = next((r for (m, tt, dd), r in index.items() if tt == t and dd == d and r.get("psnr_input_mean") is not None), None)
+        inputs.append("–" if any_row is None else f"{any_row['psnr_input_mean']:.2f} / {any_row['ssim_input_mean']:.4f}")
+    lines.append("| *input (noisy / bicubic / bilinear demosaic)* | " + " | ".join(inputs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fig2_images_note(preset: Preset) -> str:
+    return (f"Pairs of overlapping {preset.crop}x{preset.crop} crops of {preset.fig2_images} CBSD68 images (each with its own "
+            "NLF noise, sigma in [0, 20]); every other image of the batch is a negative.")  # fmt: skip
+
+
+def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[str, Any], fig2: str | None,
+                    failures: list[dict[str, Any]], timing: dict[str, Any], polyu_split: dict[str, list[str]] | None,
+                    fig2_stats: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The whole ``<out>.md``."""
+    from rcl_dist.evaluate import markdown_table
+
+    out: list[str] = [f"# RCL fidelity matrix — preset `{preset.name}`\n"]
+    if preset.name == "smoke":
+        out.append(
+            "> **The numbers below are meaningless.** The smoke preset trains for a handful of steps on a tiny "
+            "network and evaluates 2 images per set: it checks that every cell of the matrix runs end to end, "
+            "nothing else. Use the `cpu` or `gpu` preset for results.\n"
+        )
+    out.append("## Run\n")
+    for k, v in header.items():
+        out.append(f"- **{k}**: {v}")
+    out.append("")
+    out.append("## Budget (the same for every method)\n")
+    out.append(markdown_table([{k: (", ".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in preset.as_dict().items()}]))
+    out.append("## Timing\n")
+    for k, v in timing.items():
+        out.append(f"- {k}: {v}")
+    out.append("")
+    if failures:
+        out.append("## Failed cells (rerun to retry)\n")
+        for f in failures:
+            out.append(f"- `{f['key']}`: {f['error']}")
+        out.append("")
+
+    out.append("Cells: PSNR (dB) ± standard deviation over seeds (when more than one) / SSIM, means over the test "
+               "images of each set (first `eval_limit` images in file-name order). Test inputs are seeded per image "
+               "(evaluation seed 0), identical for every method.\n")  # fmt: skip
+    den = [("denoise", d) for d, _ in EVAL_SETS["denoise"]]
+    out.append("## Table 1 analogue: proxy evaluation, denoising (NLF noise, sigma in [0, 20])\n")
+    out.append(_pivot(rows, PROXY_RGB + ("Oracle",), den, study="proxy"))
+    out.append("## Table 2 analogue: proxy evaluation, SR x2 and JDenSR\n")
+    cols = [(t, d) for t in ("sr", "jdensr") for d, _ in EVAL_SETS[t]]
+    out.append(_pivot(rows, PROXY_RGB + (SL_DEN, "Oracle"), cols, study="proxy"))
+    out.append("Oracle here: supervised training on the task itself (from random initialisation, full network, "
+               f"{preset.pretrain_steps} steps on {preset.oracle_labels} labelled crops). SL (Den): the supervised "
+               "denoising network, proxy-fine-tuned like the unsupervised ones.\n")  # fmt: skip
+    out.append("## Table 4 analogue: proxy evaluation, JDD (packed RAW, noise added in RAW)\n")
+    out.append(_pivot(rows, ("RCL-EMD", RANDOM_INIT, "Oracle"), [("jdd", d) for d, _ in EVAL_SETS["jdd"]], study="proxy"))
+    out.append("RCL-EMD here is pre-trained on packed RAW (`model.raw=packed`, Eq. 11 consistency); the input row is "
+               "the bilinear demosaic of the noisy RAW.\n")  # fmt: skip
+    out.append("## Real noise: proxy evaluation on PolyU (test split)\n")
+    out.append(_pivot(rows, PROXY_RGB + (SL_DEN, "Oracle"), [("real", "PolyU")], study="proxy"))
+    if polyu_split:
+        out.append(f"Split of the {len(polyu_split['train']) + len(polyu_split['test'])} PolyU_cropped pairs by name "
+                   "(sha256 order, seed 0): test = "
+                   + ", ".join(f"`{n}`" for n in polyu_split["test"]) + "; every other pair is in the labelled training split.\n")  # fmt: skip
+    out.append("## Table 3 analogue: label efficiency (full fine-tuning, denoising)\n")
+    le = [r for r in rows if r["study"] == "label-efficiency"]
+    if le:
+        counts = sorted({r["labels"] for r in le})
+        lines = ["| labels | " + " | ".join(f"{m} {d}" for d, _ in EVAL_SETS["denoise"] for m in (SL_SCRATCH, RCL_SL)) + " |"]
+        lines.append("|---|" + "---|" * (2 * len(EVAL_SETS["denoise"])))
+        idx = {(r["method"], r["labels"], r["dataset"]): r for r in le}
+        for n in counts:
+            cells = []
+            for d, _ in EVAL_SETS["denoise"]:
+                for m in (SL_SCRATCH, RCL_SL):
+                    r = idx.get((RCL_ZERO if n == 0 and m == RCL_SL else m, n, d))
+                    cells.append(_fmt_cell(r))
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+        out.append("Row 0: the pre-trained RCL-EMD network applied directly (no labels). SL (scratch): the same "
+                   "architecture from random initialisation on the same labels and seed.\n")  # fmt: skip
+    out.append("## Context: the denoise Oracle under Gaussian noise on CBSD68\n")
+    ctx = {r["sigma"]: r for r in rows if r["study"] == "context"}
+    if ctx:
+        lines = ["| method | " + " | ".join(f"sigma {s:g}" for s in preset.sigmas) + " |", "|---|" + "---|" * len(preset.sigmas)]
+        lines.append("| Oracle (this run) | " + " | ".join(_fmt_cell(ctx.get(float(s))) for s in preset.sigmas) + " |")
+        for name, vals in PUBLISHED_CBSD68.items():
+            if len(vals) == len(preset.sigmas):
+                lines.append(f"| {name} (published, all 68 images) | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+        lines.append("| *noisy input* | " + " | ".join(
+            "–" if ctx.get(float(s)) is None else f"{ctx[float(s)]['psnr_input_mean']:.2f}" for s in preset.sigmas) + " |")  # fmt: skip
+        out.append("\n".join(lines) + "\n")
+        out.append("The Oracle was trained on NLF noise with sigma in [0, 20] (0-255 scale) at this run's budget; "
+                   "published figures are from networks trained for each sigma on far more data.\n")  # fmt: skip
+    out.append("## Fig. 2: EMD(negative) − EMD(positive) before and after RCL-EMD training\n")
+    out.append(f"![Fig. 2]({fig2})\n" if fig2 else "(not produced)\n")
+    if fig2_stats:
+        parts = []
+        for k, label in (("init", "Before training (fresh initialisation)"), ("final", "after training")):
+            st = fig2_stats.get(k) or {}
+            if st.get("mean") is not None:
+                parts.append(f"{label}: mean {st['mean']:.4g}, median {st.get('median', float('nan')):.4g}, "
+                             f"{100 * st.get('frac_positive', float('nan')):.0f} % > 0 over {st.get('n')} (anchor, negative) pairs")  # fmt: skip
+        out.append(f"{fig2_images_note(preset)} " + "; ".join(parts) + ".\n")
+    out.append("## All rows\n")
+    out.append(markdown_table(rows, list(ROW_KEYS) + ["study", "sigma", "n_images", "psnr_input_mean", "seed_list"]) if rows else "(none)\n")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- the harness
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
+
+
+def start_private_ray(num_cpus: int) -> None:
+    """A local Ray on 127.0.0.1 for this process only (``address="local"``), set up like
+    :func:`rcl_dist.train.launch.ensure_ray`'s local branch; with ``RAY_ADDRESS`` set, that cluster.
+
+    ``ensure_ray`` first tries ``ray.init(address="auto")``, which joins any Ray instance already
+    running on the machine (another user's tests, say): on a shared 2-core box that attempt blocked
+    for ~14 minutes once. Starting our own first makes ``ensure_ray`` return at once."""
+    import ray
+
+    from rcl_dist.train.launch import ensure_ray, rcl_home
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ensure_ray(num_cpus=num_cpus)
+        return
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
+    )
+
+
+class Harness:
+    """Runs the plan of a preset cell by cell, with the results cache, MLflow and the outputs."""
+
+    def __init__(self, preset: Preset, out: str | os.PathLike, *, experiment: str | None = None,
+                 tracking_uri: str | None = None, data_root: str | os.PathLike | None = None,
+                 log: Callable[[str], Any] = print, argv: Sequence[str] | None = None) -> None:  # fmt: skip
+        self.preset = preset
+        self.out = Path(out).absolute()  # Ray workers run elsewhere: every path they see is absolute
+        self.work = self.out.with_name(self.out.name + "_work")
+        self.experiment = experiment or f"rcl-fidelity-{preset.name}"
+        self.tracking_uri = tracking_uri
+        self.data_root = Path(data_root).absolute() if data_root is not None else None
+        self.log = log
+        self.argv = list(argv) if argv is not None else None
+        self.cache = ResultsCache(self.work / "cache.jsonl", preset.fingerprint())
+        self.failures: list[dict[str, Any]] = []
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self._manifests: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # cells that failed in this invocation: not retried by their dependents
+        self._polyu: dict[str, list[str]] | None = None
+        # kind -> executor(cell) -> record (tests replace these)
+        self.executors: dict[str, Callable[[Cell], dict[str, Any]]] = {
+            "pretrain": self._run_pretrain,
+            "finetune": self._run_finetune,
+            "zero": self._run_zero,
+            "gaussian": self._run_gaussian,
+            "fig2": self._run_fig2,
+        }
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def prepare_environment(self) -> None:
+        """RCL_DIST_HOME under the work folder (unless set), a .gitignore for the scratch state."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        gi = self.work / ".gitignore"
+        if not gi.exists():
+            gi.write_text("# scratch state of benchmarks/fidelity.py (MLflow store, checkpoints, cache)\n*\n")
+        if not os.environ.get("RCL_DIST_HOME"):
+            os.environ["RCL_DIST_HOME"] = str((self.work / "home").resolve())
+        if self.tracking_uri is None:
+            from rcl_dist.tracking import resolve_tracking_uri
+
+            self.tracking_uri = resolve_tracking_uri(None)
+
+    def shared(self) -> Path:
+        if self.data_root is not None:
+            return self.data_root
+        from rcl_dist.data.images import shared_data_dir
+
+        root = shared_data_dir()
+        if root is None:
+            raise FileNotFoundError("no shared/data folder here: set RCL_DIST_DATA or pass --data-root")
+        self.data_root = root
+        return root
+
+    def folder(self, key: str) -> Path:
+        if key == "@polyu_test":
+            return self.polyu_split_dirs()[1]
+        return self.shared() / key
+
+    def polyu_split_dirs(self) -> tuple[Path, Path]:
+        """(train, test) folders of symlinks to the PolyU pairs; the split is by pair name (module doc)."""
+        src = self.shared() / POLYU
+        names = sorted(p.name[: -len("_real" + p.suffix)] for p in src.iterdir() if p.stem.endswith("_real"))
+        order = sorted(names, key=lambda n: hashlib.sha256(f"polyu-split|0|{n}".encode()).hexdigest())
+        n_test = int(round(POLYU_TEST_FRACTION * len(order)))
+        split = {"test": sorted(order[:n_test]), "train": sorted(order[n_test:])}
+        self._polyu = split
+        dirs = {}
+        for part, members in split.items():
+            d = self.work / "data" / f"polyu_{part}"
+            d.mkdir(parents=True, exist_ok=True)
+            for n in members:
+                for p in src.glob(f"{n}_*"):
+                    if p.stem in (f"{n}_real", f"{n}_mean"):
+                        link = d / p.name
+                        if not link.exists():
+                            link.symlink_to(p.resolve())
+            dirs[part] = d
+        return dirs["train"], dirs["test"]
+
+    def manifest(self, which: str) -> str:
+        """The CBSD432 manifest ("train") or the PolyU training-split manifest ("real"), indexed once."""
+        if which in self._manifests:
+            return self._manifests[which]
+        from rcl_dist.data.manifest import index_images
+
+        if which == "train":
+            folder, out = self.shared() / TRAIN_SET, self.work / "data" / "cbsd432.parquet"
+        else:
+            folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        index_images([(str(folder), "train")], out, seed=0, sampler="uniform",
+                     sampler_options={"sigma_min": 0.0, "sigma_max": 20.0 / 255.0}, log=lambda *_: None)  # fmt: skip
+        self._manifests[which] = str(out)
+        return str(out)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def _needs_checkpoint(self, rec: dict[str, Any] | None) -> bool:
+        return rec is not None and (not rec.get("checkpoint") or not Path(rec["checkpoint"]).is_file())
+
+    def ensure(self, key: str, plan: dict[str, Cell], needs_checkpoint: bool = False, stack: tuple = ()) -> dict[str, Any]:
+        """The record of cell ``key``: from the cache, or by running it (and its source first)."""
+        rec = self.cache.get(key)
+        if rec is not None and needs_checkpoint and self._needs_checkpoint(rec):
+            self.log(f"[fidelity] {key}: cached but its checkpoint is gone; running it again")
+            self.cache.drop(key)
+            rec = None
+        if rec is not None:
+            return rec
+        if key in stack:
+            raise RuntimeError(f"dependency cycle: {' -> '.join(stack + (key,))}")
+        if key in self._failed:
+            raise RuntimeError(f"{key} failed earlier in this invocation ({self._failed[key]})")
+        cell = plan[key]
+        if cell.source is not None:
+            self.ensure(cell.source, plan, needs_checkpoint=True, stack=stack + (key,))
+        self.log(f"[fidelity] running {key} ({cell.kind}{', ' + cell.mode if cell.kind == 'finetune' else ''})")
+        t0 = time.perf_counter()
+        try:
+            rec = self.executors[cell.kind](cell)
+        except Exception as e:
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            self._failed[key] = f"{type(e).__name__}: {first_line}"[:300]
+            raise
+        rec = {
+            "key": key, "kind": cell.kind, "method": cell.method, "seed": cell.seed, "task": cell.task,
+            "labels": cell.labels, "study": cell.study, "mode": cell.mode, "source": cell.source,
+            "steps": cell.steps, "seconds": round(time.perf_counter() - t0, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec,
+        }  # fmt: skip
+        self.ran.append(key)
+        return self.cache.put(rec)
+
+    def run(self, plan: list[Cell], only: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Run (or take from the cache) every cell of ``plan`` whose key contains one of ``only``
+        (all when empty) and their sources; a failing cell is recorded and the rest go on."""
+        by_key = {c.key: c for c in plan}
+        for cell in plan:
+            if only and not any(o in cell.key for o in only):
+                continue
+            if self.cache.get(cell.key) is not None:
+                self.skipped.append(cell.key)
+                continue
+            try:
+                self.ensure(cell.key, by_key)
+            except Exception as e:  # noqa: BLE001 - one failing cell must not stop the matrix
+                self.log(f"[fidelity] FAILED {cell.key}: {type(e).__name__}: {e}")
+                self.log(traceback.format_exc())
+                first_line = str(e).splitlines()[0] if str(e) else ""
+                self.failures.append({"key": cell.key, "error": f"{type(e).__name__}: {first_line}"[:300]})
+        return [self.cache.get(c.key) for c in plan if self.cache.get(c.key) is not None]
+
+    # -- executors ---------------------------------------------------------------------------------
+
+    def _checkpoint_of(self, key: str) -> str:
+        rec = self.cache.get(key)
+        if rec is None or not rec.get("checkpoint"):
+            raise RuntimeError(f"{key}: no checkpoint")
+        return rec["checkpoint"]
+
+    def _tag_run(self, run_id: str | None, cell: Cell, extra: dict[str, str] | None = None) -> None:
+        if not run_id:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        tags = {"fidelity.cell": cell.key, "fidelity.preset": self.preset.name, "fidelity.method": cell.method,
+                "fidelity.study": cell.study, "fidelity.fingerprint": self.preset.fingerprint(), **(extra or {})}  # fmt: skip
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+
+    def _run_name(self, cell: Cell) -> str:
+        return f"{self.preset.name}-{self.preset.fingerprint()[:6]}-{_slug(cell.key.replace('|', '-'))}"
+
+    def _run_pretrain(self, cell: Cell) -> dict[str, Any]:
+        from rcl_dist.config import ConfigError
+        from rcl_dist.models.io import checkpoint_file
+        from rcl_dist.train.launch import rcl_home, run_pretrain
+
+        start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
+        storage = rcl_home() / "ray_results"
+        name = self._run_name(cell)
+        resume = (storage / name / "rcl_dist_run.json").is_file()
+        attempt = 0
+        while True:
+            run_name = name if attempt == 0 else f"{name}-r{attempt}"
+            cfg = pretrain_config(self.preset, cell, self.manifest("train"), experiment=self.experiment, run_name=run_name)
+            try:
+                result = run_pretrain(cfg, resume=resume and attempt == 0, tracking_uri=self.tracking_uri, log=self.log)
+                break
+            except ConfigError as e:  # a run folder left by an interrupted attempt that cannot be resumed
+                if "already exists" not in str(e) and "--resume" not in str(e):
+                    raise
+                self.log(f"[fidelity] {run_name}: {e}; starting a new run")
+                attempt, resume = attempt + 1, False
+            except Exception as e:  # noqa: BLE001
+                if resume and attempt == 0:
+                    self.log(f"[fidelity] resuming {run_name} failed ({type(e).__name__}: {e}); starting a new run")
+                    attempt, resume = attempt + 1, False
+                    continue
+                raise
+        ckpt = str(checkpoint_file(result.checkpoint_path or Path(result.storage_path) / result.run_name))
+        self._tag_run(result.mlflow_run_id, cell)
+        m = result.metrics or {}
+        return {"checkpoint": ckpt, "mlflow_run_id": result.mlflow_run_id, "run_name": result.run_name,
+                "train_seconds": round(result.seconds, 2),
+                "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}  # fmt: skip
+
+    def _device(self) -> str:
+        import torch
+
+        return "cuda" if self.preset.use_gpu and torch.cuda.is_available() else "cpu"
+
+    def _evaluate(self, model, cell: Cell, run_id: str | None) -> list[dict[str, Any]]:
+        """Evaluate ``model`` on every set of the cell; log the summaries to MLflow run ``run_id``."""
+        from rcl_dist.evaluate import evaluate_folder, summarise
+
+        results = []
+        for dataset, folder_key, task, sigma in cell.evals:
+            table = evaluate_folder(model, self.folder(folder_key), task, seed=EVAL_SEED, limit=self.preset.eval_limit,
+                                    sigma=sigma, device=self._device(), progress=None)  # fmt: skip
+            s = summarise(table)
+            s.update(dataset=dataset, task=task, sigma=sigma)
+            results.append({k: s[k] for k in ("dataset", "task", "sigma", "n", "psnr_mean", "psnr_std", "ssim_mean",
+                                              "psnr_input_mean", "ssim_input_mean", "skipped")})  # fmt: skip
+            self.log(f"[fidelity]   {cell.method} {task} {dataset}{'' if sigma is None else f' sigma {sigma:g}'}: "
+                     f"PSNR {s['psnr_mean']:.2f} dB (input {s['psnr_input_mean']:.2f}), SSIM {s['ssim_mean']:.4f}, n={s['n']}")  # fmt: skip
+        if run_id:
+            self._log_eval_metrics(run_id, results)
+        return results
+
+    def _log_eval_metrics(self, run_id: str, results: list[dict[str, Any]]) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = []
+        for r in results:
+            base = f"eval.{r['task']}.{r['dataset']}" + ("" if r["sigma"] is None else f".sigma{r['sigma']:g}")
+            for k in ("psnr_mean", "ssim_mean", "psnr_input_mean"):
+                v = _finite(r.get(k))
+                if v is not None:
+                    metrics.append(Metric(f"{base}.{k}", v, ts, 0))
+        if metrics:
+            MlflowClient(self.tracking_uri).log_batch(run_id, metrics=metrics)
+
+    def _eval_run(self, cell: Cell, params: dict[str, Any]):
+        from rcl_dist.tracking import RunTracker
+
+        tags = {"fidelity.cell": cell.key, "fidelity.preset": self.preset.name, "fidelity.method": cell.method,
+                "fidelity.study": cell.study, "fidelity.fingerprint": self.preset.fingerprint()}  # fmt: skip
+        return RunTracker.start(self.tracking_uri, self.experiment, self._run_name(cell), params, tags=tags)
+
+    def _run_finetune(self, cell: Cell) -> dict[str, Any]:
+        from rcl_dist.models.io import load_checkpoint
+
+        source = "none" if cell.source is None else self._checkpoint_of(cell.source)
+        manifest = self.manifest(cell.manifest)
+        name = self._run_name(cell)
+        out_dir = self.work / "checkpoints" / _slug(cell.key.replace("|", "-"))
+        if self.preset.finetune_engine == "ray":
+            from rcl_dist.train.finetune import run_finetune
+            from rcl_dist.train.launch import rcl_home
+
+            start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
+            storage = rcl_home() / "ray_results"
+            run_name, n = name, 0
+            while (storage / run_name).exists():  # an interrupted attempt: fine-tuning runs are short, start again
+                n += 1
+                run_name = f"{name}-r{n}"
+            spec = finetune_spec(self.preset, cell, source, manifest, experiment=self.experiment,
+                                 tracking_uri=self.tracking_uri, run_name=run_name, out=str(out_dir))  # fmt: skip
+            result = run_finetune(spec, log=self.log)
+            self._tag_run(result.mlflow_run_id, cell)
+            model, _, _ = load_checkpoint(result.checkpoint_path)
+            results = self._evaluate(model, cell, result.mlflow_run_id)
+            return {"checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
+                    "train_seconds": round(result.seconds, 2), "train_metrics": _numbers(result.metrics),
+                    "results": results}  # fmt: skip
+        return self._run_finetune_local(cell, source, manifest, out_dir)
+
+    def _run_finetune_local(self, cell: Cell, source: str, manifest: str, out_dir: Path) -> dict[str, Any]:
+        """finetune_local (one process) tracked here like run_finetune tracks its runs."""
+        from rcl_dist.train.finetune import finetune_local
+
+        spec = finetune_spec(self.preset, cell, source, manifest, experiment=self.experiment, out=str(out_dir))
+        tracker = self._eval_run(cell, spec.to_dict())
+        status = "FAILED"
+        try:
+            tracker.set_tags({"pretrain_checkpoint": source, "task": cell.task, "mode": cell.mode,
+                              "labels": str(cell.labels), "engine": "finetune_local",
+                              "batch_size_effective": str(spec.effective_batch_size)})  # fmt: skip
+            t0 = time.perf_counter()
+            model, metrics, history = finetune_local(spec, device=self._device())
+            seconds = time.perf_counter() - t0
+            for m in history:
+                tracker.log_metrics(m, step=int(m["step"]))
+            ckpt = str(out_dir / "state.pt")
+            tracker.set_tags({"checkpoint": ckpt})
+            results = self._evaluate(model, cell, tracker.run_id)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "train_seconds": round(seconds, 2),
+                "train_metrics": _numbers(metrics), "results": results}  # fmt: skip
+
+    def _run_zero(self, cell: Cell) -> dict[str, Any]:
+        from rcl_dist.models.io import load_checkpoint
+
+        ckpt = self._checkpoint_of(cell.source)
+        model, _, _ = load_checkpoint(ckpt)
+        tracker = self._eval_run(cell, {"checkpoint": ckpt, "labels": 0, "what": "pre-trained model applied directly"})
+        status = "FAILED"
+        try:
+            results = self._evaluate(model, cell, tracker.run_id)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "results": results}
+
+    def _run_gaussian(self, cell: Cell) -> dict[str, Any]:
+        from rcl_dist.models.io import load_checkpoint
+
+        ckpt = self._checkpoint_of(cell.source)
+        model, _, _ = load_checkpoint(ckpt)
+        tracker = self._eval_run(cell, {"checkpoint": ckpt, "sigmas": list(self.preset.sigmas)})
+        status = "FAILED"
+        try:
+            results = self._evaluate(model, cell, tracker.run_id)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "results": results}
+
+    def _run_fig2(self, cell: Cell) -> dict[str, Any]:
+        """Fig. 2 on CBSD68 crop pairs for the trained RCL-EMD network (see the module docstring)."""
+        import shutil
+        import tempfile
+
+        import torch
+        from mlflow import MlflowClient
+
+        from rcl_dist.data.images import list_images, load_image
+        from rcl_dist.data.reference import PairSampler
+        from rcl_dist.models.io import load_checkpoint
+        from rcl_dist.tracking import FIG2_ARTIFACT, pos_neg_from_distance_matrix
+        from rcl_dist.train.local import build_model_from_config, build_objective_from_config
+        from rcl_dist.train.pretrain import _distance_matrix
+
+        ckpt = self._checkpoint_of(cell.source)
+        trained, cfg, _ = load_checkpoint(ckpt)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            initial = build_model_from_config(cfg)
+        files = list_images(self.folder("test/CBSD68"))
+        images = [load_image(p, gray=False) for p in files]
+        n = min(self.preset.fig2_images, len(images))
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        sampler = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, sampler="uniform",
+                              sampler_options={"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max},
+                              generator=gen)  # fmt: skip
+        batch = sampler.sample(n, "rcl")
+        objective = build_objective_from_config(cfg, None, torch.Generator().manual_seed(0))
+        trained.eval()
+        initial.eval()
+        d_init = _distance_matrix(initial, objective, batch)
+        d_final = _distance_matrix(trained, objective, batch)
+        tracker = self._eval_run(cell, {"checkpoint": ckpt, "images": n, "crop": cfg.data.crop, "dataset": "CBSD68",
+                                        "before": f"fresh initialisation, torch seed {cfg.train.seed}"})  # fmt: skip
+        status = "FAILED"
+        try:
+            summary = tracker.log_emd_density_plot(*pos_neg_from_distance_matrix(d_init), *pos_neg_from_distance_matrix(d_final))
+            with tempfile.TemporaryDirectory() as tmp:
+                local = MlflowClient(self.tracking_uri).download_artifacts(tracker.run_id, FIG2_ARTIFACT, tmp)
+                dest = self.out.with_name(self.out.name + "_fig2.png")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local, dest)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        stats = {k: {s: summary[k].get(s) for s in ("n", "mean", "std", "median", "frac_positive") if s in summary[k]}
+                 for k in ("init", "final")}  # fmt: skip
+        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "figure": str(dest), "fig2": stats}
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def header(self, wall: float) -> dict[str, Any]:
+        import torch
+
+        def git(*args: str) -> str:
+            try:
+                return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return "?"
+
+        commit = git("rev-parse", "HEAD") or "?"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        argv = self.argv if self.argv is not None else sys.argv
+        return {
+            "command": f"`{' '.join(shlex.quote(a) for a in ['python', *argv])}`",
+            "commit": f"`{commit}`" + (" (with uncommitted changes to tracked files)" if dirty else ""),
+            "machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, GPU {gpu}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}",
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "MLflow": f"experiment `{self.experiment}` at `{self.tracking_uri}`",
+            "RCL_DIST_HOME": f"`{os.environ.get('RCL_DIST_HOME', '')}`",
+            "this invocation": f"{wall:.0f} s wall; {len(self.ran)} cells run, {len(self.skipped)} taken from the cache "
+            f"(`{self.cache.path}`), {len(self.failures)} failed",
+        }
+
+    def timing(self, records: list[dict[str, Any]]) -> dict[str, str]:
+        by_kind: dict[str, list[float]] = {}
+        for r in records:
+            by_kind.setdefault(r["kind"], []).append(float(r.get("seconds") or 0.0))
+        total = sum(sum(v) for v in by_kind.values())
+        out = {f"{k} cells": f"{len(v)}, {sum(v):.0f} s (mean {sum(v) / len(v):.1f} s)" for k, v in by_kind.items()}
+        out["all cells (compute, summed over invocations)"] = f"{total:.0f} s"
+        return out
+
+    def write_outputs(self, plan: list[Cell], wall: float) -> dict[str, Path]:
+        records = [self.cache.get(c.key) for c in plan if self.cache.get(c.key) is not None]
+        rows = rows_from_records(records)
+        paths = write_rows(rows, self.out)
+        fig = self.out.with_name(self.out.name + "_fig2.png")
+        if self._polyu is None:
+            try:
+                self.polyu_split_dirs()
+            except OSError:
+                pass
+        md = markdown_report(rows, preset=self.preset, header=self.header(wall), fig2=fig.name if fig.is_file() else None,
+                             failures=self.failures, timing=self.timing(records), polyu_split=self._polyu,
+                             fig2_stats=next((r.get("fig2") for r in records if r["kind"] == "fig2"), None))  # fmt: skip
+        paths["md"] = self.out.with_name(self.out.name + ".md")
+        paths["md"].write_text(md)
+        if fig.is_file():
+            paths["fig2"] = fig
+        self._log_summary(paths)
+        return paths
+
+    def _log_summary(self, paths: dict[str, Path]) -> None:
+        """The outputs as artifacts of one MLflow run ("summary") in the same experiment."""
+        try:
+            from rcl_dist.tracking import RunTracker
+
+            tr = RunTracker.start(self.tracking_uri, self.experiment, f"{self.preset.name}-summary", self.preset.as_dict(),
+                                  tags={"fidelity.preset": self.preset.name, "fidelity.cell": "summary"})  # fmt: skip
+            with tr:
+                for p in paths.values():
+                    tr.log_artifact_file(p, subdir="fidelity")
+        except Exception as e:  # noqa: BLE001 - the files are written; MLflow is a copy
+            self.log(f"[fidelity] could not log the summary run: {type(e).__name__}: {e}")
+
+
+def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["pretrain_steps=50", "seeds=[0, 1]"]`` -> preset field overrides, type-checked against the defaults."""
+    import yaml
+
+    fields = {f.name: f for f in dataclasses.fields(Preset)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key == "name":
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(set(fields) - {'name'})}")
+        value = yaml.safe_load(text)
+        current = getattr(PRESETS["cpu"], key)
+        if key == "eval_limit":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SystemExit(f"--set eval_limit: expected a positive integer or null, got {text!r}")
+        elif isinstance(current, tuple):
+            value = tuple(value if isinstance(value, list) else [value])
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise SystemExit(f"--set {key}: expected true/false, got {text!r}")
+        elif isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        elif current is not None and not isinstance(value, type(current)):
+            raise SystemExit(f"--set {key}: expected {type(current).__name__}, got {text!r}")
+        out[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--out", required=True, help="output stem: writes <out>.md/.json/.parquet/_fig2.png, scratch in <out>_work/")
+    ap.add_argument("--experiment", default=None, help="MLflow experiment (default rcl-fidelity-<preset>)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the local store in $RCL_DIST_HOME)")
+    ap.add_argument("--data-root", default=None, help="the shared data folder (default: rcl_dist's shared_data_dir())")
+    ap.add_argument("--finetune-engine", choices=("local", "ray"), default=None, help="override the preset's")
+    ap.add_argument("--workers", type=int, default=None, help="override the preset's Ray Train workers")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any preset field (YAML value, e.g. pretrain_steps=50, seeds=[0,1]); "
+                         "a changed preset has its own cache fingerprint")  # fmt: skip
+    ap.add_argument("--only", action="append", default=[], help="run only cells whose key contains this (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the cache state, run nothing")
+    args = ap.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    changes = {}
+    if args.finetune_engine:
+        changes["finetune_engine"] = args.finetune_engine
+    if args.workers:
+        changes["workers"] = args.workers
+    changes.update(parse_sets(args.set))
+    if changes:
+        preset = dataclasses.replace(preset, **changes)
+    plan = build_plan(preset)
+    h = Harness(preset, args.out, experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data_root,
+                argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])])  # fmt: skip
+    if args.dry_run:
+        kinds: dict[str, int] = {}
+        for c in plan:
+            kinds[c.kind] = kinds.get(c.kind, 0) + 1
+            done = "cached" if h.cache.get(c.key) else "todo"
+            print(f"{done:6s} {c.kind:8s} {c.key}  (source {c.source}, {c.mode}, {c.steps} steps)")
+        print(f"{len(plan)} cells: {kinds}; {sum(1 for c in plan if h.cache.get(c.key))} cached, {h.cache.stale} stale records")
+        return 0
+    h.prepare_environment()
+    if h.cache.stale:
+        h.log(f"[fidelity] {h.cache.stale} cached record(s) from another preset fingerprint are ignored")
+    t0 = time.perf_counter()
+    try:
+        h.run(plan, args.only)
+    finally:
+        paths = h.write_outputs(plan, time.perf_counter() - t0)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass
+    h.log(f"[fidelity] {len(h.ran)} cells run, {len(h.skipped)} cached, {len(h.failures)} failed in "
+          f"{time.perf_counter() - t0:.0f} s; outputs: {', '.join(str(p) for p in paths.values())}")  # fmt: skip
+    return 1 if h.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
