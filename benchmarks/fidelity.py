@@ -683,9 +683,10 @@ def start_private_ray(num_cpus: int) -> None:
     """A local Ray on 127.0.0.1 for this process only (``address="local"``), set up like
     :func:`rcl_dist.train.launch.ensure_ray`'s local branch; with ``RAY_ADDRESS`` set, that cluster.
 
-    ``ensure_ray`` first tries ``ray.init(address="auto")``, which joins any Ray instance already
-    running on the machine (another user's tests, say): on a shared 2-core box that attempt blocked
-    for ~14 minutes once. Starting our own first makes ``ensure_ray`` return at once."""
+    ``ensure_ray`` joins any Ray whose address file on this node answers, and on a shared machine
+    that can be another user's instance (their CPUs, their workers' ``RCL_DIST_HOME``); before it
+    checked that the address answers, one attempt here blocked ~14 minutes on a stale one. Starting
+    our own first makes ``ensure_ray`` (called by run_pretrain / run_finetune) return at once."""
     import ray
 
     from rcl_dist.train.launch import ensure_ray, rcl_home

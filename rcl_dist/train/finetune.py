@@ -152,6 +152,11 @@ class FinetuneSpec:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
+        # Ray workers run in another working directory: every path they read is made absolute here
+        for name in ("source", "manifest", "simulated_dir", "out", "storage_path"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value and not (name == "source" and value == "none"):
+                setattr(self, name, os.path.abspath(os.path.expanduser(value)))
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"source must be a checkpoint path or 'none', got {self.source!r}")
         _choice("task", self.task, FINETUNE_TASKS)

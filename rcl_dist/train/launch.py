@@ -103,7 +103,7 @@ def _write_bundled(folder: Path, tile_size: int, gray: bool) -> Path:
 def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
     """``data.manifest`` if given, else an index of ``data.source`` under $RCL_DIST_HOME/manifests."""
     if cfg.data.manifest:
-        path = Path(cfg.data.manifest)
+        path = Path(cfg.data.manifest).expanduser().resolve()  # workers run in another directory
         if not path.is_file():
             raise ConfigError(f"data.manifest: {path} does not exist (create it with `rcl-dist data index`)")
         return path
@@ -191,7 +191,9 @@ def run_pretrain(
         state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
 
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
-    simulated = cfg.data.simulated_dir or (str(manifest.with_suffix("")) + "_simulated")
+    simulated = str(Path(cfg.data.simulated_dir).expanduser().resolve()) if cfg.data.simulated_dir else (
+        str(manifest.with_suffix("")) + "_simulated"
+    )
     trainer = TorchTrainer(
         train_func_per_worker,
         train_loop_config={
