@@ -75,6 +75,9 @@ def _worker(r: int, init_file: str, reduction: str, result: dict) -> None:
         if r == 0:
             result.update(contrast=contrast.item(), grads=grads, params=params, mean=means["x"])
     finally:
+        # every rank done communicating before any tears down: a peer closing its sockets while the
+        # other still reads makes gloo abort the process
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -115,6 +118,9 @@ def _plain_gather_worker(r: int, init_file: str, result: dict) -> None:
         (torch.cat(parts) * w).sum().backward()
         result[r] = (ok_grad, x.grad.clone())
     finally:
+        # every rank done communicating before any tears down: a peer closing its sockets while the
+        # other still reads makes gloo abort the process
+        dist.barrier()
         dist.destroy_process_group()
 
 
