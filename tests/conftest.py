@@ -107,3 +107,25 @@ def mlflow_server(tmp_path_factory):
         yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def local_ray(request, tmp_path_factory):
+    """A local Ray (all servers on 127.0.0.1) for one test module, with RCL_DIST_HOME in a temporary
+    folder; the module's own functions travel to Ray workers by value (tests/ is not importable there)."""
+    ray = pytest.importorskip("ray")
+    home = tmp_path_factory.mktemp("rcl_home")
+    old = os.environ.get("RCL_DIST_HOME")
+    os.environ["RCL_DIST_HOME"] = str(home)
+    from rcl_dist.train.launch import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    assert ray.is_initialized()
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # loopback only
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    yield home
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RCL_DIST_HOME", None)
+    else:
+        os.environ["RCL_DIST_HOME"] = old

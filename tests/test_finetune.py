@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,23 +252,6 @@ def test_training_reduces_the_l1_loss_on_the_labels(data):
 # ----------------------------------------------------------------------------- Ray Train + MLflow
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    home = tmp_path_factory.mktemp("rcl_home")
-    old = os.environ.get("RCL_DIST_HOME")
-    os.environ["RCL_DIST_HOME"] = str(home)
-    from rcl_dist.train.launch import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield home
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RCL_DIST_HOME", None)
-    else:
-        os.environ["RCL_DIST_HOME"] = old
 
 
 def test_mismatch_fails_before_any_worker(data, ckpts, tmp_path):

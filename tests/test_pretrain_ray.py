@@ -10,8 +10,6 @@ real `mlflow server`.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,26 +32,6 @@ TINY = [
     "loss.encoder=null",  # keeps workers light; the Eq. 5 path is tested in-process
     "loss.alpha=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    home = tmp_path_factory.mktemp("rcl_home")
-    old = os.environ.get("RCL_DIST_HOME")
-    os.environ["RCL_DIST_HOME"] = str(home)
-    from rcl_dist.train.launch import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    assert ray.is_initialized()
-    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # loopback only
-    # the test's own worker functions travel by value (tests/ is not importable in Ray workers)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield home
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RCL_DIST_HOME", None)
-    else:
-        os.environ["RCL_DIST_HOME"] = old
 
 
 # ---------------------------------------------------------------- 2 workers == 1 process
