@@ -1019,25 +1019,18 @@ class Harness:
                 "train_metrics": _numbers(metrics), "results": results}  # fmt: skip
 
     def _run_zero(self, cell: Cell) -> dict[str, Any]:
-        from rcl_dist.models.io import load_checkpoint
-
-        ckpt = self._checkpoint_of(cell.source)
-        model, _, _ = load_checkpoint(ckpt)
-        tracker = self._eval_run(cell, {"checkpoint": ckpt, "labels": 0, "what": "pre-trained model applied directly"})
-        status = "FAILED"
-        try:
-            results = self._evaluate(model, cell, tracker.run_id)
-            status = "FINISHED"
-        finally:
-            tracker.end(status)
-        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "results": results}
+        return self._evaluate_source(cell, {"labels": 0, "what": "pre-trained model applied directly"})
 
     def _run_gaussian(self, cell: Cell) -> dict[str, Any]:
+        return self._evaluate_source(cell, {"sigmas": list(self.preset.sigmas)})
+
+    def _evaluate_source(self, cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate the checkpoint of ``cell.source`` as it is (no fine-tuning), in its own MLflow run."""
         from rcl_dist.models.io import load_checkpoint
 
         ckpt = self._checkpoint_of(cell.source)
         model, _, _ = load_checkpoint(ckpt)
-        tracker = self._eval_run(cell, {"checkpoint": ckpt, "sigmas": list(self.preset.sigmas)})
+        tracker = self._eval_run(cell, {"checkpoint": ckpt, **params})
         status = "FAILED"
         try:
             results = self._evaluate(model, cell, tracker.run_id)
