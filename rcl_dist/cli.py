@@ -10,6 +10,7 @@
     rcl-dist promote --name NAME --version V [--alias champion] --eval-data DIR [--force]
     rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT
     rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
+    rcl-dist sweep tune_spaces/NAME.yaml [key=value ...] [--resume] [--out PREFIX]   Ray Tune sweep (pre-train -> proxy -> val PSNR)
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     den.add_argument("paths", nargs="+", metavar="PATH", help="inputs (files or folders), then the output folder or file")
     den.add_argument("--tile", type=int, default=256)
     den.add_argument("--overlap", type=int, default=32)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep: each trial pre-trains, proxy-fine-tunes and reports validation PSNR")
+    sw.add_argument("space", type=Path, help="search space YAML (tune_spaces/*.yaml)")
+    sw.add_argument("overrides", nargs="*", help="space keys (trials=4, objective.rounds=2) or config keys (loss.tau=0.1)")
+    sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (finished trials kept)")
+    sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: the local store)")
+    sw.add_argument("--storage", default=None, help="Tune experiments folder (default: $RCL_DIST_HOME/sweeps)")
+    sw.add_argument("--out", default=None, help="also write PREFIX.md/.csv/.parquet/.json/.png and PREFIX_best_config.yaml")
 
     show = sub.add_parser("config", help="print the validated configuration")
     show.add_argument("--config", type=Path, default=None)
@@ -276,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, args.data, args.task, out=args.out, seed=args.seed, limit=args.limit,
                 sigma=args.sigma, tile=args.tile, overlap=args.overlap,
             )
+        elif args.command == "sweep":
+            from rcl_dist.tune import load_space, run_sweep, write_report
+
+            space = load_space(args.space, args.overrides)
+            result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)
+            if args.out:
+                write_report(result, space, args.out, ["rcl-dist", *(argv if argv is not None else sys.argv[1:])])
+            print(f"best config: {result.best_config_path}" if result.best_config_path else "no trial reported a value")
+            return 0 if result.best_config_path else 1
         elif args.command == "config":
             import yaml
 

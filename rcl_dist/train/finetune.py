@@ -463,8 +463,11 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def label_l1(model: nn.Module, labels: LabelSet, batch: int = 16, device: torch.device | str = "cpu") -> float:
-    """Mean L1 between ``model.restore(input)`` and ``target`` over the whole label set (all ranks)."""
+def label_l1(
+    model: nn.Module, labels: LabelSet, batch: int = 16, device: torch.device | str = "cpu", reduce: bool = True
+) -> float:
+    """Mean L1 between ``model.restore(input)`` and ``target`` over the whole label set (all ranks;
+    ``reduce=False``: this process's labels only, no collective call)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -474,7 +477,8 @@ def label_l1(model: nn.Module, labels: LabelSet, batch: int = 16, device: torch.
         err = (model.restore(x) - y).abs().flatten(1).mean(1)
         total, count = total + float(err.sum()), count + int(err.numel())
     model.train(was_training)
-    total, count = _all_reduce_sum([total, float(count)], torch.device(device))
+    if reduce:
+        total, count = _all_reduce_sum([total, float(count)], torch.device(device))
     return total / max(count, 1.0)
 
 
@@ -488,6 +492,8 @@ def train_on_labels(
     *,
     rank: int = 0,
     on_report: Callable[[int, dict[str, float], bool], None] | None = None,
+    reduce: bool = True,
+    verbose: bool = True,
 ) -> dict[str, float]:
     """``spec.steps`` Adam steps of L1(restore(input), target) on this rank's labels.
 
@@ -495,12 +501,13 @@ def train_on_labels(
     ``inner``: the Restorer (for evaluation). ``on_report(step, metrics, final)`` runs on every rank
     every ``spec.log_every`` steps and at the last step, with metrics averaged over ranks; the last
     report also has ``label_l1`` (the whole label set after training) and ``label_l1_initial``.
-    Returns the last metrics.
+    Returns the last metrics. ``reduce=False``: no collective calls (one rank training a copy on its
+    own, e.g. the sweep's validation inside a pre-training run); ``verbose=False``: no progress lines.
     """
     from rcl_dist import dist as rdist
 
     eval_batch = max(spec.per_worker_batch, 16)
-    initial = label_l1(inner, labels, eval_batch, device)
+    initial = label_l1(inner, labels, eval_batch, device, reduce)
     batches = _LabelBatches(len(labels), spec.per_worker_batch, spec.seed, rank)
     inputs, targets = labels.input.to(device), labels.target.to(device)
     model.train()
@@ -519,7 +526,9 @@ def train_on_labels(
         t_window, n_window = t_window + time.perf_counter() - t0, n_window + 1
         final = step == spec.steps
         if step % spec.log_every == 0 or final:
-            metrics = rdist.all_reduce_mean({"loss": float(loss.detach())}, device=device)
+            metrics = {"loss": float(loss.detach())}
+            if reduce:
+                metrics = rdist.all_reduce_mean(metrics, device=device)
             metrics.update(
                 step=float(step),
                 epoch=float(batches.epoch),
@@ -528,8 +537,8 @@ def train_on_labels(
             )
             t_window, n_window = 0.0, 0
             if final:
-                metrics.update(label_l1=label_l1(inner, labels, eval_batch, device), label_l1_initial=initial)
-            if rank == 0:
+                metrics.update(label_l1=label_l1(inner, labels, eval_batch, device, reduce), label_l1_initial=initial)
+            if rank == 0 and verbose:
                 eta = (time.perf_counter() - t_start) / step * (spec.steps - step)
                 print(
                     f"[rcl-dist finetune] step {step}/{spec.steps}  L1 {metrics['loss']:.4g}"

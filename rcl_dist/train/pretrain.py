@@ -157,9 +157,26 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+VALIDATION_KEYS = ("val_psnr", "val_ssim", "val_l1", "val_seconds")
+
+
+def _validate(validator, inner: nn.Module, device: torch.device) -> dict[str, float]:
+    """Rank 0 runs ``validator(inner)``; every rank gets its numbers (the others wait in a broadcast)."""
+    values = torch.zeros(len(VALIDATION_KEYS), dtype=torch.float64, device=device)
+    if validator is not None:
+        was_training = inner.training
+        out = validator(inner)
+        inner.train(was_training)
+        values = torch.tensor([out[k] for k in VALIDATION_KEYS], dtype=torch.float64, device=device)
+    if rdist.is_distributed():
+        torch.distributed.broadcast(values, src=0)
+    return dict(zip(VALIDATION_KEYS, values.tolist()))
+
+
 def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+    import ray.util
 
     # 1. set-up: config, rank, device, seeds
     cfg = Config.from_dict(loop_config["config"])
@@ -219,6 +236,18 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             run_id=loop_config["mlflow_run_id"], resume_step=step if ckpt is not None else None,
         )
 
+    # sweeps: proxy validation (train/validate.py) on rank 0 every `every` steps, the trial's objective
+    validation = loop_config.get("validation")
+    validator = None
+    if validation and rank == 0:
+        from rcl_dist.train.validate import ProxyValidator
+
+        validator = ProxyValidator(validation["objective"], cfg)
+        pg = ray.util.get_current_placement_group()
+        if validation.get("placement_group_file") and pg is not None:
+            # a sweep trial stopped by its scheduler leaves this group behind: the sweep removes it
+            Path(validation["placement_group_file"]).write_text(pg.id.hex())
+
     eval_batch = {k: v.to(device) for k, v in batches.next().items()}  # fixed batch for Fig. 2 and samples
     if step == 0:
         dist_init = _distance_matrix(inner, objective, eval_batch)
@@ -276,6 +305,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                 step=float(step),
             )
             t_window, wait_window, n_window = 0.0, 0.0, 0
+            if validation and (step % validation["every"] == 0 or step == cfg.train.steps):
+                metrics.update(_validate(validator, inner, device), round=float(-(-step // validation["every"])))
+                model.train()
             if rank == 0:
                 eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (cfg.train.steps - step)
                 print(
@@ -283,6 +315,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                     + (f"  contrast {metrics['contrast']:.4g}" if "contrast" in metrics else "")
                     + (f"  consistency {metrics['consistency']:.4g}" if "consistency" in metrics else "")
                     + f"  {metrics['samples_per_s']:.1f} samples/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
+                    + (f"  val PSNR {metrics['val_psnr']:.2f} dB" if "val_psnr" in metrics else "")
                     + f"  ETA {eta:.0f} s",
                     file=sys.stderr,
                     flush=True,

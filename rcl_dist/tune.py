@@ -1,0 +1,905 @@
+"""Ray Tune sweeps over the pre-training settings, judged by downstream quality: ``rcl-dist sweep``.
+
+A search space is a YAML file (``tune_spaces/*.yaml``; :func:`load_space` reads and checks it before
+anything starts). A trial is one pre-training run (a TorchTrainer with ``resources.workers`` workers,
+the config = ``config`` file <- ``fixed`` <- the trial's sampled values) whose rank 0 runs the proxy
+validation of :mod:`rcl_dist.train.validate` every ``objective.steps_per_round`` pre-training steps:
+a fresh denoising last layer trained on a few labelled crops, then PSNR on whole images of the
+manifest's validation split (never a test set). Each validation is one *round*, ASHA's time unit, so
+weak trials stop early; the pretext loss is logged but never ranks anything.
+
+MLflow: the sweep is a parent run (tag ``sweep.name``); every trial is a nested run
+(``mlflow.parentRunId``) holding its config, its pre-training curves and ``val_psnr`` per step. At the
+end the parent logs the trial table (``trials.csv``/``.md``/``.parquet``), the best config
+(``best_config.yaml``: a complete pre-training config that ``rcl-dist pretrain --config`` accepts as it
+is, with the full step budget) and ``objective.png`` (the objective against each searched parameter).
+
+Robustness: the Tune experiment lives in ``<storage>/<name>``; ``--resume`` restores it (finished and
+failed trials are kept, unfinished ones continue from their last pre-training checkpoint) and reopens
+the same parent run. A trial that raises is recorded (status ``failed``, its error in the table and on
+its nested run) and the sweep goes on.
+
+Space file keys (all but ``name`` and ``search`` optional)::
+
+    name: cpu-small             # sweep name: Tune experiment folder and MLflow parent run name
+    config: null                # base pre-training config YAML (relative to the space file), or null
+    fixed: {model.width: 16}    # section.key overrides on top of the base config, for every trial
+    search:                     # section.key -> one distribution
+      loss.alpha: {loguniform: [1.0e-4, 1.0]}
+      loss.temperature: {choice: [0.05, 0.1, 0.2]}
+      train.lr: {uniform: [1.0e-4, 3.0e-3]}
+    include_default: true       # also evaluate the base config as it is (the "default config" trial)
+    points: []                  # further configurations to evaluate first ({section.key: value})
+    trials: 16                  # trials in all (including include_default and points)
+    concurrency: 2              # trials at once
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: fifo}
+    search_alg: {type: optuna, seed: 0}                            # or {type: random, seed: 0}
+    resources: {workers: 1, cpus_per_worker: 1, use_gpu: false, driver_cpus: 1}
+    objective:                  # rcl_dist.train.validate.ProxyObjective, plus:
+      metric: val_psnr          # or val_ssim (mode max)
+      rounds: 4                 # validations per trial; pre-training steps = rounds * steps_per_round
+      steps_per_round: 100
+      labels: 64                # ... and every other ProxyObjective field
+    experiment: rcl-sweep       # MLflow experiment
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rcl_dist.config import Config, ConfigError
+
+__all__ = ["SweepSpace", "Param", "load_space", "run_sweep", "SweepResult", "trial_config"]
+
+SPACE_KEYS = {
+    "name", "config", "fixed", "search", "include_default", "points", "trials", "concurrency", "scheduler",
+    "search_alg", "resources", "objective", "experiment",
+}  # fmt: skip
+SCHEDULER_KEYS = {"asha": {"type", "grace_period", "reduction_factor"}, "fifo": {"type"}}
+SEARCH_ALG_KEYS = {"optuna": {"type", "seed"}, "random": {"type", "seed"}}
+RESOURCE_KEYS = {"workers", "cpus_per_worker", "use_gpu", "driver_cpus"}
+OBJECTIVE_EXTRA = {"metric", "rounds", "steps_per_round"}
+METRICS = ("val_psnr", "val_ssim")
+DISTRIBUTIONS = ("choice", "loguniform", "uniform")
+STATE_FILE = "rcl_dist_sweep.json"  # in the Tune experiment folder: the parent run, manifest, space
+TRIAL_STATE = "rcl_dist_trial.json"  # in a trial's pre-training folder: its nested MLflow run
+PG_FILE = "placement_group"  # in a trial's pre-training folder: the id of its workers' placement group
+
+
+# ---------------------------------------------------------------------------------------------- the space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key: ``kind`` "choice" (``values``) or "loguniform"/"uniform" (``low``, ``high``)."""
+
+    key: str
+    kind: str
+    values: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+
+    def domain(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        return tune.uniform(self.low, self.high)
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.values
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
+@dataclass
+class SweepSpace:
+    name: str
+    source: str  # the space file (for messages)
+    base: dict[str, Any]  # the base config dict (config file <- fixed <- command-line overrides)
+    params: list[Param]
+    include_default: bool = True
+    points: list[dict[str, Any]] = field(default_factory=list)
+    trials: int = 16
+    concurrency: int = 1
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    search_alg: dict[str, Any] = field(default_factory=lambda: {"type": "random", "seed": 0})
+    resources: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)  # ProxyObjective fields (manifest filled in later)
+    metric: str = "val_psnr"
+    rounds: int = 4
+    steps_per_round: int = 100
+    experiment: str = "rcl-sweep"
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    def default_point(self) -> dict[str, Any]:
+        cfg = Config.from_dict(self.base)
+        return {p.key: _get(cfg.to_dict(), p.key) for p in self.params}
+
+    def initial_points(self) -> list[dict[str, Any]]:
+        """Configurations evaluated before the search algorithm's own: the default, then ``points``."""
+        out: list[dict[str, Any]] = []
+        for p in ([self.default_point()] if self.include_default else []) + [dict(p) for p in self.points]:
+            if p not in out:
+                out.append(p)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["params"] = [dataclasses.asdict(p) for p in self.params]
+        return d
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return d[section][name]
+
+
+def _set(d: dict[str, Any], key: str, value: Any) -> None:
+    section, name = key.split(".")
+    d.setdefault(section, {})[name] = value
+
+
+def _config_keys() -> set[str]:
+    return {f"{s}.{k}" for s, sec in Config().to_dict().items() for k in sec}
+
+
+def _fail(source: str, key: str, what: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {what}")
+
+
+def _positive_int(source: str, key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(source, key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_value(source: str, base: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``value`` for config ``key`` passes the config's own validation (on top of ``base``)."""
+    trial = copy.deepcopy(base)
+    _set(trial, key, value)
+    try:
+        Config.from_dict(trial)
+    except ConfigError as e:
+        raise _fail(source, where, f"value {value!r} is not valid for {key} ({e})") from None
+
+
+def _parse_param(source: str, key: str, spec: Any, base: dict[str, Any], known: set[str]) -> Param:
+    where = f"search.{key}"
+    if key not in known:
+        raise _fail(source, where, "unknown config key; searchable keys are section.key of `rcl-dist config` (e.g. loss.alpha)")
+    if key in ("data.manifest", "dist.run_name", "dist.storage_path", "train.steps", "train.log_every",
+               "dist.checkpoint_every", "tracking.uri", "tracking.experiment", "tracking.enabled", "model.raw"):  # fmt: skip
+        raise _fail(source, where, "is set by the sweep itself and cannot be searched")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise _fail(source, where, f"must be one of {{choice: [...]}}, {{loguniform: [low, high]}}, {{uniform: [low, high]}}; got {spec!r}")
+    (kind, arg), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise _fail(source, where, f"unknown distribution {kind!r}; allowed: {list(DISTRIBUTIONS)}")
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise _fail(source, where, f"choice needs a non-empty list of values, got {arg!r}")
+        if len({json.dumps(v, sort_keys=True) for v in arg}) != len(arg):
+            raise _fail(source, where, f"choice has repeated values: {arg!r}")
+        for v in arg:
+            _check_value(source, base, key, v, where)
+        return Param(key, kind, values=tuple(arg))
+    if (not isinstance(arg, list) or len(arg) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)):  # fmt: skip
+        raise _fail(source, where, f"{kind} needs [low, high] numbers, got {arg!r}")
+    low, high = float(arg[0]), float(arg[1])
+    if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+        raise _fail(source, where, f"{kind} needs finite low < high, got [{arg[0]}, {arg[1]}]")
+    if kind == "loguniform" and low <= 0:
+        raise _fail(source, where, f"loguniform needs low > 0, got {arg[0]}")
+    if isinstance(Config().to_dict()[key.split(".")[0]][key.split(".")[1]], int) and not isinstance(
+        Config().to_dict()[key.split(".")[0]][key.split(".")[1]], bool
+    ):
+        raise _fail(source, where, f"{key} takes integers: use choice, not {kind}")
+    for v in (low, high):
+        _check_value(source, base, key, v, where)
+    return Param(key, kind, low=low, high=high)
+
+
+def _check_section(source: str, name: str, value: Any, allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(source, name, f"must be a mapping, got {value!r}")
+    unknown = set(value) - allowed
+    if unknown:
+        raise _fail(source, name, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return dict(value)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """``key=value`` on the command line: top-level space keys (``trials=4``, ``objective.rounds=2``) or
+    config keys (``loss.alpha=0.01``, added to ``fixed``)."""
+    sections = set(Config().to_dict())
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. trials=4 or loss.alpha=0.01)")
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.split(".")
+        if parts[0] in sections:
+            if len(parts) != 2:
+                raise ConfigError(f"override {item!r}: a config key is section.key (e.g. loss.alpha)")
+            raw.setdefault("fixed", {})
+            if not isinstance(raw["fixed"], dict):
+                raise _fail(source, "fixed", "must be a mapping")
+            raw["fixed"][key] = value
+        elif parts[0] in SPACE_KEYS:
+            node = raw
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {p} is not a mapping in {source}")
+            node[parts[-1]] = value
+        else:
+            raise ConfigError(
+                f"override {item!r}: unknown key {parts[0]!r}; space keys: {sorted(SPACE_KEYS)}, config sections: {sorted(sections)}"
+            )
+    return raw
+
+
+def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepSpace:
+    """Read and check a search space file; every error names the file and the key."""
+    from rcl_dist.train.validate import ProxyObjective
+
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: search space file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a search space must be a mapping (keys: {sorted(SPACE_KEYS)})")
+    raw = _apply_overrides(raw, overrides, source)
+    unknown = set(raw) - SPACE_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SPACE_KEYS)}")
+    for key in ("name", "search"):
+        if key not in raw:
+            raise _fail(source, key, "is required")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise _fail(source, "name", f"must be a non-empty folder-safe string, got {name!r}")
+
+    # the base config: config file <- fixed
+    base: dict[str, Any] = {}
+    if raw.get("config") is not None:
+        cfg_path = Path(raw["config"])
+        if not cfg_path.is_absolute():
+            cfg_path = path.parent / cfg_path
+        try:
+            base = yaml.safe_load(cfg_path.read_text()) or {}
+        except FileNotFoundError:
+            raise _fail(source, "config", f"{cfg_path} not found") from None
+        if not isinstance(base, dict):
+            raise _fail(source, "config", f"{cfg_path} must be a mapping of config sections")
+    known = _config_keys()
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise _fail(source, "fixed", f"must be a mapping of section.key: value, got {fixed!r}")
+    for key, value in fixed.items():
+        if key not in known:
+            raise _fail(source, f"fixed.{key}", "unknown config key (section.key of `rcl-dist config`)")
+        if not isinstance(base.get(key.split(".")[0], {}), dict):
+            raise _fail(source, "config", f"section {key.split('.')[0]!r} must be a mapping")
+        _set(base, key, value)
+    try:
+        base_cfg = Config.from_dict(base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base config (config + fixed): {e}") from None
+    if base_cfg.model.raw is not None:
+        raise _fail(source, "fixed.model.raw", "sweeps validate by RGB denoising: model.raw must be null")
+    base = base_cfg.to_dict()
+
+    search = raw["search"]
+    if not isinstance(search, dict) or not search:
+        raise _fail(source, "search", "must be a non-empty mapping of section.key: distribution")
+    params = [_parse_param(source, str(k), v, base, known) for k, v in search.items()]
+    for p in params:
+        if p.key in fixed:
+            raise _fail(source, f"search.{p.key}", "is also in fixed: a key is either fixed or searched")
+
+    sched = _check_section(source, "scheduler", raw.get("scheduler", {"type": "asha"}), set().union(*SCHEDULER_KEYS.values()))
+    sched.setdefault("type", "asha")
+    if sched["type"] not in SCHEDULER_KEYS:
+        raise _fail(source, "scheduler.type", f"must be one of {sorted(SCHEDULER_KEYS)}, got {sched['type']!r}")
+    _check_section(source, "scheduler", sched, SCHEDULER_KEYS[sched["type"]])
+    if sched["type"] == "asha":
+        sched.setdefault("grace_period", 1)
+        sched.setdefault("reduction_factor", 2)
+        _positive_int(source, "scheduler.grace_period", sched["grace_period"])
+        _positive_int(source, "scheduler.reduction_factor", sched["reduction_factor"], 2)
+
+    alg = _check_section(source, "search_alg", raw.get("search_alg", {"type": "random"}), {"type", "seed"})
+    alg.setdefault("type", "random")
+    alg.setdefault("seed", 0)
+    if alg["type"] not in SEARCH_ALG_KEYS:
+        raise _fail(source, "search_alg.type", f"must be one of {sorted(SEARCH_ALG_KEYS)}, got {alg['type']!r}")
+    _positive_int(source, "search_alg.seed", alg["seed"], 0)
+
+    res = _check_section(source, "resources", raw.get("resources"), RESOURCE_KEYS)
+    res = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False, "driver_cpus": 1.0, **res}
+    _positive_int(source, "resources.workers", res["workers"])
+    for key in ("cpus_per_worker", "driver_cpus"):
+        v = res[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "cpus_per_worker" and v == 0):
+            raise _fail(source, f"resources.{key}", f"must be a number {'> 0' if key == 'cpus_per_worker' else '>= 0'}, got {v!r}")
+    if not isinstance(res["use_gpu"], bool):
+        raise _fail(source, "resources.use_gpu", f"must be true or false, got {res['use_gpu']!r}")
+    if base_cfg.train.batch_size % res["workers"]:
+        raise _fail(source, "resources.workers", f"train.batch_size {base_cfg.train.batch_size} is not divisible by {res['workers']} workers")
+    for p in params:
+        if p.key == "train.batch_size" and any(v % res["workers"] for v in p.values):
+            raise _fail(source, "search.train.batch_size", f"every choice must be divisible by resources.workers={res['workers']}")
+
+    obj_fields = {f.name for f in dataclasses.fields(ProxyObjective)} - {"manifest"}
+    obj = _check_section(source, "objective", raw.get("objective"), obj_fields | OBJECTIVE_EXTRA)
+    metric = obj.pop("metric", "val_psnr")
+    if metric not in METRICS:
+        raise _fail(source, "objective.metric", f"must be one of {list(METRICS)}, got {metric!r}")
+    rounds = _positive_int(source, "objective.rounds", obj.pop("rounds", 4))
+    per_round = _positive_int(source, "objective.steps_per_round", obj.pop("steps_per_round", 100))
+    try:
+        ProxyObjective(manifest="-", **obj)  # checks every field (errors name objective.<field>)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if sched["type"] == "asha" and sched["grace_period"] > rounds:
+        raise _fail(source, "scheduler.grace_period", f"{sched['grace_period']} exceeds objective.rounds={rounds}")
+
+    include_default = raw.get("include_default", True)
+    if not isinstance(include_default, bool):
+        raise _fail(source, "include_default", f"must be true or false, got {include_default!r}")
+    points = raw.get("points") or []
+    if not isinstance(points, list) or not all(isinstance(pt, dict) for pt in points):
+        raise _fail(source, "points", "must be a list of mappings {section.key: value}")
+    by_key = {p.key: p for p in params}
+    for i, pt in enumerate(points):
+        missing, extra = set(by_key) - set(pt), set(pt) - set(by_key)
+        if missing or extra:
+            raise _fail(source, f"points[{i}]", f"must give exactly the searched keys {sorted(by_key)} (missing {sorted(missing)}, extra {sorted(extra)})")
+        for k, v in pt.items():
+            if not by_key[k].contains(v):
+                raise _fail(source, f"points[{i}].{k}", f"{v!r} is outside the searched domain")
+            _check_value(source, base, k, v, f"points[{i}].{k}")
+    space = SweepSpace(
+        name=name, source=source, base=base, params=params, include_default=include_default, points=list(points),
+        trials=_positive_int(source, "trials", raw.get("trials", 16)),
+        concurrency=_positive_int(source, "concurrency", raw.get("concurrency", 1)),
+        scheduler=sched, search_alg=alg, resources=res, objective=obj, metric=metric, rounds=rounds,
+        steps_per_round=per_round, experiment=str(raw.get("experiment") or "rcl-sweep"),
+    )  # fmt: skip
+    if include_default:
+        for k, v in space.default_point().items():
+            if not by_key[k].contains(v):
+                raise _fail(
+                    source, f"search.{k}",
+                    f"include_default is true but the base config's value {v!r} lies outside the searched domain",
+                )  # fmt: skip
+    if len(space.initial_points()) > space.trials:
+        raise _fail(source, "trials", f"{space.trials} is fewer than the {len(space.initial_points())} configurations to evaluate first")
+    return space
+
+
+# ---------------------------------------------------------------------------------------------- a trial
+
+
+def trial_config(space: SweepSpace, params: dict[str, Any], manifest: str, storage: str, run_name: str) -> Config:
+    """The pre-training config of one trial: base <- sampled values <- what the sweep sets."""
+    d = copy.deepcopy(space.base)
+    for k, v in params.items():
+        _set(d, k, v)
+    res = space.resources
+    _set(d, "train.steps", space.total_steps)
+    _set(d, "train.log_every", space.steps_per_round)
+    _set(d, "dist.checkpoint_every", space.steps_per_round)
+    _set(d, "dist.workers", res["workers"])
+    _set(d, "dist.cpus_per_worker", float(res["cpus_per_worker"]))
+    _set(d, "dist.use_gpu", res["use_gpu"])
+    _set(d, "dist.storage_path", storage)
+    _set(d, "dist.run_name", run_name)
+    _set(d, "data.manifest", manifest)
+    _set(d, "tracking.experiment", space.experiment)
+    return Config.from_dict(d)
+
+
+def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: one pre-training run with proxy validation; its reports reach Tune."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rcl_dist.train.pretrain import train_func_per_worker
+
+    space = SweepSpace(**{**ctx["space"], "params": [Param(**p) for p in ctx["space"]["params"]]})
+    tctx = tune.get_context()
+    trial_id = tctx.get_trial_id()
+    run_name = f"trial-{trial_id}"
+    storage = ctx["trials_dir"]
+    cfg = trial_config(space, params, ctx["manifest"], storage, run_name)
+    state_file = Path(storage) / run_name / TRIAL_STATE
+    tracker = None
+    if ctx["tracking_uri"]:
+        from rcl_dist.tracking import RunTracker
+
+        if state_file.is_file():  # the sweep was resumed: the trial logs into its own nested run again
+            tracker = RunTracker.start(ctx["tracking_uri"], space.experiment, None, None,
+                                       run_id=json.loads(state_file.read_text())["mlflow_run_id"])  # fmt: skip
+        else:
+            tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.name": space.name, "sweep.trial_id": trial_id,
+                    "sweep.default": str(params == ctx["default_point"]).lower()}  # fmt: skip
+            tracker = RunTracker.start(ctx["tracking_uri"], space.experiment, f"{space.name}-{run_name}", cfg.to_dict(), tags=tags)
+            for k, v in params.items():
+                tracker.set_tags({f"sweep.param.{k}": v})
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "params": params}))
+    objective = {**space.objective, "manifest": ctx["manifest"]}
+    trainer = TorchTrainer(
+        train_func_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "manifest": ctx["manifest"],
+            "simulated_dir": str(Path(ctx["manifest"]).with_suffix("")) + "_simulated",
+            "mlflow_run_id": tracker.run_id if tracker else None,
+            "tracking_uri": ctx["tracking_uri"],
+            "validation": {"objective": objective, "every": space.steps_per_round,
+                           "placement_group_file": str(Path(storage) / run_name / PG_FILE)},  # fmt: skip
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu,
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})},
+        ),  # fmt: skip
+        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=[TuneReportCallback()],
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        trainer.fit()
+    except BaseException as e:
+        if tracker is not None:
+            tracker.set_tags({"sweep.error": _error_text(e, 5000)})
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str  # the Tune experiment folder
+    table: list[dict[str, Any]]  # one row per trial (see _trial_rows)
+    best: dict[str, Any] | None  # the best row
+    best_config_path: str | None
+    default: dict[str, Any] | None  # the default-config row (include_default)
+    parent_run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _placement_group_cleanup(trials_dir: Path):
+    """A Tune callback that removes the placement group of every trial that has ended.
+
+    A trial the scheduler stops is killed with its TorchTrainer controller and workers, but the
+    controller's placement group belongs to the job and stays reserved: Train's own cleaner asks the
+    state API (the dashboard, which local runs here do not start) whether the controller died. Left
+    alone, the reserved CPUs starve every later trial (``WorkerGroupStartupTimeoutError``)."""
+    from ray.tune import Callback
+
+    class PlacementGroupCleanup(Callback):
+        def _remove(self, trial) -> None:
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+            trial_id = trial.trial_id
+            f = trials_dir / f"trial-{trial_id}" / PG_FILE
+            if not f.is_file():
+                return
+            pg_id = f.read_text().strip()
+            if placement_group_table().get(pg_id, {}).get("state") not in (None, "REMOVED"):
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+    return PlacementGroupCleanup()
+
+
+def _searcher(space: SweepSpace):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    points = space.initial_points() or None
+    if space.search_alg["type"] == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        alg = OptunaSearch(points_to_evaluate=points, seed=space.search_alg["seed"])
+        return ConcurrencyLimiter(alg, max_concurrent=space.concurrency)
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=space.search_alg["seed"], max_concurrent=space.concurrency)
+
+
+def _scheduler(space: SweepSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler["type"] == "asha":
+        return ASHAScheduler(
+            time_attr="round", max_t=space.rounds, grace_period=space.scheduler["grace_period"],
+            reduction_factor=space.scheduler["reduction_factor"],
+        )  # fmt: skip
+    return FIFOScheduler()
+
+
+def _error_text(err: BaseException, limit: int = 500) -> str:
+    """The root cause of a trial's error in one line: Ray wraps the worker's exception in a task error
+    whose text is a traceback; the last ``SomeError: message`` line is what went wrong."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*?: ", ln)]
+    root = causes[-1] if causes else (lines[-1] if lines else "")
+    return f"{type(err).__name__}: {root}"[:limit]
+
+
+def _trial_rows(space: SweepSpace, grid, default_point: dict[str, Any], trials_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: params, status (finished / stopped / failed), the objective per round."""
+    rows = []
+    for r in grid:
+        cfg = {p.key: r.config.get(p.key) for p in space.params}
+        df = r.metrics_dataframe
+        history: list[tuple[int, float]] = []
+        if df is not None and space.metric in df.columns and "round" in df.columns:
+            sub = df[["round", space.metric]].dropna()
+            history = [(int(a), float(b)) for a, b in zip(sub["round"], sub[space.metric])]
+        trial_id = (r.metrics or {}).get("trial_id")
+        state = None
+        if trial_id and (trials_dir / f"trial-{trial_id}" / TRIAL_STATE).is_file():
+            state = json.loads((trials_dir / f"trial-{trial_id}" / TRIAL_STATE).read_text())
+        else:  # no report reached Tune (e.g. failed at start): find the trial by its parameters
+            for f in trials_dir.glob(f"*/{TRIAL_STATE}"):
+                s = json.loads(f.read_text())
+                if s.get("params") == cfg:
+                    state, trial_id = s, f.parent.name.removeprefix("trial-")
+        rounds = max((h[0] for h in history), default=0)
+        if r.error is not None:
+            status = "failed"
+        elif rounds >= space.rounds:
+            status = "finished"
+        else:
+            status = "stopped"
+        rows.append({
+            "trial": trial_id or (Path(r.path).name if r.path else ""),
+            "status": status,
+            "rounds": rounds,
+            space.metric: history[-1][1] if history else None,
+            f"{space.metric}_best": max((h[1] for h in history), default=None),
+            f"{space.metric}_per_round": json.dumps({str(a): round(b, 4) for a, b in history}),
+            "val_ssim": (r.metrics or {}).get("val_ssim"),
+            "default": cfg == default_point,
+            **{p.key: cfg[p.key] for p in space.params},
+            "error": _error_text(r.error) if r.error is not None else "",
+            "mlflow_run_id": (state or {}).get("mlflow_run_id"),
+        })  # fmt: skip
+    return rows
+
+
+def _plot(space: SweepSpace, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(space.params)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+    colours = {"finished": "tab:blue", "stopped": "tab:orange", "failed": "tab:red"}
+    for ax, p in zip(axes[0], space.params):
+        for status, colour in colours.items():
+            sel = [r for r in rows if r["status"] == status and r[space.metric] is not None]
+            if not sel:
+                continue
+            xs = [r[p.key] for r in sel]
+            if p.kind == "choice":
+                xs = [list(map(str, p.values)).index(str(x)) for x in xs]
+            ax.scatter(xs, [r[space.metric] for r in sel], c=colour, s=18, label=status)
+        for r in rows:
+            if r["default"] and r[space.metric] is not None:
+                x = list(map(str, p.values)).index(str(r[p.key])) if p.kind == "choice" else r[p.key]
+                ax.scatter([x], [r[space.metric]], facecolors="none", edgecolors="k", s=70, label="default config")
+        if p.kind == "choice":
+            ax.set_xticks(range(len(p.values)), [str(v) for v in p.values])
+        elif p.kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(p.key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{space.metric} (last round reached)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sweep {space.name}: {space.metric} against each searched parameter", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def best_config_dict(space: SweepSpace, params: dict[str, Any], manifest: str) -> dict[str, Any]:
+    """The best trial's config for a fresh ``rcl-dist pretrain --config``: same settings, full step
+    budget, no sweep-specific run name or storage."""
+    cfg = trial_config(space, params, manifest, "", "x").to_dict()
+    cfg["dist"]["run_name"] = None
+    cfg["dist"]["storage_path"] = None
+    cfg["tracking"]["experiment"] = Config().tracking.experiment
+    return Config.from_dict(cfg).to_dict()
+
+
+def run_sweep(
+    space: SweepSpace,
+    *,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    storage: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run (or ``resume``) the sweep of ``space``; see the module docstring."""
+    from ray import tune
+    from ray.tune import RunConfig as TuneRunConfig, TuneConfig, Tuner
+
+    from rcl_dist.train.launch import ensure_manifest, ensure_ray, rcl_home
+    from rcl_dist.train.validate import validation_images
+
+    storage = Path(storage or rcl_home() / "sweeps").expanduser().resolve()
+    exp_dir = storage / space.name
+    state_file = exp_dir / STATE_FILE
+    trials_dir = exp_dir / "trials"
+    if resume and not state_file.is_file():
+        raise ConfigError(f"--resume: no sweep {space.name!r} under {storage} (missing {state_file})")
+    if not resume and exp_dir.exists():
+        raise ConfigError(f"sweep {space.name!r} already exists under {storage}: pass --resume, or another name= ")
+
+    t0 = time.perf_counter()
+    tracker = None
+    if resume:
+        state = json.loads(state_file.read_text())
+        manifest, parent_id, uri = state["manifest"], state["parent_run_id"], state["tracking_uri"]
+        if state["space"] != json.loads(json.dumps(space.to_dict())):
+            log("note: the space differs from the one the sweep started with; the stored one is used")
+            stored = state["space"]
+            space = SweepSpace(**{**stored, "params": [Param(**{**p, "values": tuple(p["values"])}) for p in stored["params"]]})
+        if parent_id:
+            from rcl_dist.tracking import RunTracker
+
+            tracker = RunTracker.start(uri, space.experiment, None, None, run_id=parent_id)
+    else:
+        manifest = str(ensure_manifest(Config.from_dict(space.base), log))
+        validation_images(manifest, space.objective.get("val_split", "val"), 1)  # fails now, not in every trial
+        parent_id, uri = None, None
+        base_cfg = Config.from_dict(space.base)
+        if base_cfg.tracking.enabled:
+            from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+
+            uri = resolve_tracking_uri(tracking_uri or base_cfg.tracking.uri)
+            tracker = RunTracker.start(uri, space.experiment, space.name, space.to_dict(), tags={"sweep.name": space.name})
+            parent_id = tracker.run_id
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"manifest": manifest, "parent_run_id": parent_id, "tracking_uri": uri,
+                                          "space": space.to_dict()}, default=list))  # fmt: skip
+    trials_dir.mkdir(parents=True, exist_ok=True)
+
+    res = space.resources
+    per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
+    default_point = space.default_point() if space.include_default else {}
+    ctx = {"space": space.to_dict(), "manifest": manifest, "trials_dir": str(trials_dir), "tracking_uri": uri,
+           "parent_run_id": parent_id, "default_point": default_point}  # fmt: skip
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": res["driver_cpus"]})
+    param_space = {p.key: p.domain() for p in space.params}
+    callbacks = [_placement_group_cleanup(trials_dir)]
+    status = "FAILED"
+    try:
+        if resume and Tuner.can_restore(str(exp_dir)):
+            log(f"sweep {space.name}: resuming {exp_dir}")
+            tuner = Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False, param_space=param_space)  # fmt: skip
+        else:
+            tuner = Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=TuneConfig(
+                    metric=space.metric, mode="max", scheduler=_scheduler(space), search_alg=_searcher(space),
+                    num_samples=space.trials,  # concurrency: the search algorithm's own limit
+                ),  # fmt: skip
+                run_config=TuneRunConfig(name=space.name, storage_path=str(storage), callbacks=callbacks),
+            )
+        log(f"sweep {space.name}: {space.trials} trials, {space.concurrency} at a time, {space.rounds} rounds of "
+            f"{space.steps_per_round} steps; Tune experiment {exp_dir}" + (f", MLflow parent run {parent_id} at {uri}" if parent_id else ""))  # fmt: skip
+        grid = tuner.fit()
+        rows = _trial_rows(space, grid, default_point, trials_dir)
+        result = _finish(space, rows, exp_dir, manifest, tracker, uri, log)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+    result.parent_run_id, result.tracking_uri = parent_id, uri
+    result.seconds = time.perf_counter() - t0
+    if tracker is not None:
+        from rcl_dist.tracking import _client
+
+        _client(uri).log_metric(parent_id, "sweep_seconds_last_session", result.seconds)
+    return result
+
+
+def _finish(space: SweepSpace, rows: list[dict[str, Any]], exp_dir: Path, manifest: str, tracker, uri, log) -> SweepResult:
+    """Trial table, best config, plot: files in the experiment folder and artifacts of the parent run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = space.metric
+    scored = [r for r in rows if r[m] is not None and r["status"] != "failed"]
+    full = [r for r in scored if r["status"] == "finished"]
+    best = max(full or scored, key=lambda r: r[m]) if scored else None
+    default = next((r for r in rows if r["default"]), None)
+    rows.sort(key=lambda r: (r[m] is None, -(r[m] or 0.0)))
+    columns = ["trial", "status", "rounds", m, *[p.key for p in space.params], "default", "error"]
+    md = _markdown(rows, columns)
+    (exp_dir / "trials.md").write_text(md)
+    keys = list(rows[0]) if rows else columns
+    pq.write_table(pa.Table.from_pylist([{k: (json.dumps(r[k]) if isinstance(r[k], (list, dict)) else r[k]) for k in keys} for r in rows]),
+                   exp_dir / "trials.parquet")  # fmt: skip
+    import csv
+
+    with open(exp_dir / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    best_path = None
+    if best is not None:
+        params = {p.key: best[p.key] for p in space.params}
+        best_path = exp_dir / "best_config.yaml"
+        header = (f"# best trial {best['trial']} of sweep {space.name}: {m} {best[m]:.4f} after {best['rounds']} rounds\n"
+                  f"# rcl-dist pretrain --config {best_path}\n")  # fmt: skip
+        best_path.write_text(header + yaml.safe_dump(best_config_dict(space, params, manifest), sort_keys=False))
+    if rows:
+        _plot(space, rows, exp_dir / "objective.png")
+    summary: dict[str, Any] = {
+        "trials": len(rows),
+        "finished": sum(r["status"] == "finished" for r in rows),
+        "stopped": sum(r["status"] == "stopped" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "metric": m,
+    }
+    if best is not None:
+        summary.update(best_trial=best["trial"], best_value=best[m], best_rounds=best["rounds"],
+                       best_params={p.key: best[p.key] for p in space.params})  # fmt: skip
+    if default is not None and default[m] is not None:
+        summary.update(default_value=default[m], default_rounds=default["rounds"], default_status=default["status"])
+        if best is not None:
+            per_round = json.loads(best[f"{m}_per_round"])
+            same = per_round.get(str(default["rounds"]))
+            summary["best_minus_default_final"] = best[m] - default[m]
+            if same is not None:
+                summary["best_minus_default_same_round"] = same - default[m]
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(md)
+    log(json.dumps(summary, indent=2, default=str))
+    if tracker is not None:
+        for name in ("trials.md", "trials.csv", "trials.parquet", "objective.png", "summary.json", "best_config.yaml"):
+            if (exp_dir / name).is_file():
+                tracker.log_artifact_file(exp_dir / name)
+        tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        if best is not None:
+            tracker.set_tags({"sweep.best_trial": best["trial"], **{f"sweep.best.{k}": v for k, v in summary["best_params"].items()}})
+        # Tune ends a trial when it reaches max_t or the scheduler stops it, killing the trial before its
+        # own code can close the nested run: close each one here with the status the table gives it
+        client = tracker.client
+        final = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+        for r in rows:
+            rid = r.get("mlflow_run_id")
+            if not rid:
+                continue
+            client.set_tag(rid, "sweep.status", r["status"])
+            if r["error"]:
+                client.set_tag(rid, "sweep.error", r["error"])
+            if client.get_run(rid).info.status != final[r["status"]]:
+                client.set_terminated(rid, final[r["status"]])
+    return SweepResult(space.name, str(exp_dir), rows, best, str(best_path) if best_path else None, default, None, uri, 0.0, summary)
+
+
+def write_report(result: SweepResult, space: SweepSpace, prefix: str | os.PathLike, command: Sequence[str]) -> Path:
+    """``PREFIX.md`` (command, commit, machine, wall time, summary, trial table), ``PREFIX.csv``,
+    ``.parquet``, ``.json``, ``.png`` and ``PREFIX_best_config.yaml``, copied from the sweep folder."""
+    import platform
+    import shlex
+    import shutil
+    import subprocess
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    exp = Path(result.path)
+    for src, suffix in (("trials.csv", ".csv"), ("trials.parquet", ".parquet"), ("objective.png", ".png"),
+                        ("best_config.yaml", "_best_config.yaml")):  # fmt: skip
+        if (exp / src).is_file():
+            shutil.copyfile(exp / src, prefix.with_name(prefix.name + suffix))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    machine = f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    s, m = result.summary, space.metric
+    lines = [
+        f"# Sweep `{space.name}` ({space.source})", "",
+        f"- command: `{shlex.join(command)}`",
+        f"- commit: {commit}; machine: {machine}",
+        f"- wall time (this session of the sweep): {result.seconds / 60:.1f} min",
+        f"- trials: {s.get('trials')} ({s.get('finished')} finished, {s.get('stopped')} stopped early by "
+        f"{space.scheduler['type'].upper()}, {s.get('failed')} failed); {space.rounds} rounds of {space.steps_per_round} "
+        f"pre-training steps, search {space.search_alg['type']}, {space.concurrency} at a time",
+        f"- objective: {m} of proxy denoising on {space.objective.get('val_images', 8)} whole images of the "
+        f"manifest's '{space.objective.get('val_split', 'val')}' split (fresh last layer, "
+        f"{space.objective.get('steps', 150)} Adam steps on {space.objective.get('labels', 64)} labelled crops)",
+    ]  # fmt: skip
+    if "best_value" in s:
+        lines.append(f"- best: trial {s['best_trial']}, {m} {s['best_value']:.3f} after {s['best_rounds']} rounds, "
+                     f"params {json.dumps(s['best_params'])}")  # fmt: skip
+    if "default_value" in s:
+        lines.append(f"- default config: {m} {s['default_value']:.3f} after {s['default_rounds']} rounds ({s['default_status']})")
+        if "best_minus_default_final" in s:
+            lines.append(f"- best - default: {s['best_minus_default_final']:+.3f} dB (each at its last round)"
+                         + (f", {s['best_minus_default_same_round']:+.3f} dB at the default's last round"
+                            if "best_minus_default_same_round" in s else ""))  # fmt: skip
+    columns = ["trial", "status", "rounds", m, f"{m}_per_round", *[p.key for p in space.params], "default", "error"]
+    lines += ["", "## Trials (best first)", "", _markdown(result.table, columns), "",
+              f"![objective against each parameter]({prefix.name}.png)", ""]  # fmt: skip
+    md = prefix.with_name(prefix.name + ".md")
+    md.write_text("\n".join(lines))
+    prefix.with_name(prefix.name + ".json").write_text(
+        json.dumps({"summary": s, "trials": result.table, "command": list(command), "commit": commit, "machine": machine,
+                    "seconds": result.seconds}, indent=2, default=str)  # fmt: skip
+    )
+    return md
