@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
             space = load_space(args.space, args.overrides)
             result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)
+            if result.summary.get("interrupted"):
+                return 130
             if args.out:
                 write_report(result, space, args.out, ["rcl-dist", *(argv if argv is not None else sys.argv[1:])])
             print(f"best config: {result.best_config_path}" if result.best_config_path else "no trial reported a value")

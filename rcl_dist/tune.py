@@ -513,6 +513,14 @@ class SweepResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _interrupted(grid, space: SweepSpace) -> bool:
+    """Whether ``Tuner.fit`` returned before every trial ended (it returns normally on Ctrl-C)."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None:
+        return len(grid) < space.trials
+    return len(trials) < space.trials or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
 def _placement_group_cleanup(trials_dir: Path):
     """A Tune callback that removes the placement group of every trial that has ended.
 
@@ -583,14 +591,18 @@ def _error_text(err: BaseException, limit: int = 500) -> str:
 def _trial_rows(space: SweepSpace, grid, default_point: dict[str, Any], trials_dir: Path) -> list[dict[str, Any]]:
     """One row per trial: params, status (finished / stopped / failed), the objective per round."""
     rows = []
+    # a trial that never reported has no result config: Tune's trial records still hold it
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    by_path = {str(getattr(t, "path", "")): t for t in trials}
     for r in grid:
-        cfg = {p.key: r.config.get(p.key) for p in space.params}
+        config = r.config if r.config is not None else getattr(by_path.get(str(r.path)), "config", None) or {}
+        cfg = {p.key: config.get(p.key) for p in space.params}
         df = r.metrics_dataframe
         history: list[tuple[int, float]] = []
         if df is not None and space.metric in df.columns and "round" in df.columns:
             sub = df[["round", space.metric]].dropna()
             history = [(int(a), float(b)) for a, b in zip(sub["round"], sub[space.metric])]
-        trial_id = (r.metrics or {}).get("trial_id")
+        trial_id = (r.metrics or {}).get("trial_id") or getattr(by_path.get(str(r.path)), "trial_id", None)
         state = None
         if trial_id and (trials_dir / f"trial-{trial_id}" / TRIAL_STATE).is_file():
             state = json.loads((trials_dir / f"trial-{trial_id}" / TRIAL_STATE).read_text())
@@ -760,6 +772,12 @@ def run_sweep(
         log(f"sweep {space.name}: {space.trials} trials, {space.concurrency} at a time, {space.rounds} rounds of "
             f"{space.steps_per_round} steps; Tune experiment {exp_dir}" + (f", MLflow parent run {parent_id} at {uri}" if parent_id else ""))  # fmt: skip
         grid = tuner.fit()
+        if _interrupted(grid, space):
+            # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned: nothing is final yet
+            log(f"sweep {space.name} interrupted; continue it with: rcl-dist sweep {space.source} --resume")
+            status = "KILLED"
+            return SweepResult(space.name, str(exp_dir), [], None, None, None, parent_id, uri,
+                               time.perf_counter() - t0, {"interrupted": True})  # fmt: skip
         rows = _trial_rows(space, grid, default_point, trials_dir)
         result = _finish(space, rows, exp_dir, manifest, tracker, uri, log)
         status = "FINISHED"

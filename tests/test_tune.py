@@ -261,3 +261,57 @@ def test_cli_rejects_a_bad_space_before_starting_anything(tmp_path, capsys):
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "search.loss.temperature: choice needs a non-empty list" in err
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, local_ray, mlflow_server):
+    """Ctrl-C a running `rcl-dist sweep` (one trial at a time) once its second trial has started; then
+    --resume: the finished first trial is kept (not run again, one nested run per trial in all) and
+    the others run to the end, logging into their own nested runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from rcl_dist.tune import TRIAL_STATE, run_sweep
+
+    manifest = _tiny_data(tmp_path / "data")
+    path = _space(tmp_path, name="interrupted", trials=3, concurrency=1, scheduler={"type": "fifo"},
+                  experiment="interrupted-sweep")
+    overrides = [f"data.manifest={manifest}"]
+    storage = tmp_path / "sweeps"
+    env = {**os.environ, "RCL_DIST_HOME": str(local_ray)}
+    cmd = [sys.executable, "-m", "rcl_dist.cli", "sweep", str(path), *overrides, "--storage", str(storage),
+           "--tracking-uri", mlflow_server]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trials = storage / "interrupted" / "trials"
+    deadline = time.monotonic() + 300
+    while len(list(trials.glob(f"*/{TRIAL_STATE}"))) < 2:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the second trial did not start within 300 s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("interrupted-sweep")
+    before = {r.data.tags["sweep.trial_id"]: r for r in client.search_runs([exp.experiment_id])
+              if "sweep.trial_id" in r.data.tags}  # fmt: skip
+    assert len(before) == 2
+    first = min(before, key=lambda t: before[t].info.start_time)
+    first_history = [m.step for m in client.get_metric_history(before[first].info.run_id, "val_psnr")]
+    assert first_history == [2, 4]  # it finished both rounds before the interruption
+
+    space = load_space(path, overrides)
+    result = run_sweep(space, resume=True, tracking_uri=mlflow_server, storage=storage, log=lambda _m: None)
+    assert len(result.table) == 3 and all(r["status"] == "finished" for r in result.table), result.table
+    nested = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(nested) == 3  # the interrupted trial logs into its own run again; nothing duplicated
+    assert [m.step for m in client.get_metric_history(before[first].info.run_id, "val_psnr")] == first_history
+    for r in nested:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_psnr")]
+        assert steps == sorted(set(steps)) and steps[-1] == 4
