@@ -741,7 +741,7 @@ def run_sweep(
             parent_id = tracker.run_id
         exp_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"manifest": manifest, "parent_run_id": parent_id, "tracking_uri": uri,
-                                          "space": space.to_dict()}, default=list))  # fmt: skip
+                                          "space": space.to_dict(), "commit": _git_commit()}, default=list))  # fmt: skip
     trials_dir.mkdir(parents=True, exist_ok=True)
 
     res = space.resources
@@ -780,6 +780,7 @@ def run_sweep(
                                time.perf_counter() - t0, {"interrupted": True})  # fmt: skip
         rows = _trial_rows(space, grid, default_point, trials_dir)
         result = _finish(space, rows, exp_dir, manifest, tracker, uri, log)
+        result.summary["code_commit"] = json.loads(state_file.read_text()).get("commit", "unknown")
         status = "FINISHED"
     finally:
         if tracker is not None:
@@ -869,13 +870,27 @@ def _finish(space: SweepSpace, rows: list[dict[str, Any]], exp_dir: Path, manife
     return SweepResult(space.name, str(exp_dir), rows, best, str(best_path) if best_path else None, default, None, uri, 0.0, summary)
 
 
+def _git_commit() -> str:
+    """The checkout's short commit, with '+' when the working tree has uncommitted changes."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+" if dirty else "")
+
+
 def write_report(result: SweepResult, space: SweepSpace, prefix: str | os.PathLike, command: Sequence[str]) -> Path:
     """``PREFIX.md`` (command, commit, machine, wall time, summary, trial table), ``PREFIX.csv``,
     ``.parquet``, ``.json``, ``.png`` and ``PREFIX_best_config.yaml``, copied from the sweep folder."""
     import platform
     import shlex
     import shutil
-    import subprocess
 
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -884,16 +899,13 @@ def write_report(result: SweepResult, space: SweepSpace, prefix: str | os.PathLi
                         ("best_config.yaml", "_best_config.yaml")):  # fmt: skip
         if (exp / src).is_file():
             shutil.copyfile(exp / src, prefix.with_name(prefix.name + suffix))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = result.summary.get("code_commit") or _git_commit()
     machine = f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     s, m = result.summary, space.metric
     lines = [
         f"# Sweep `{space.name}` ({space.source})", "",
         f"- command: `{shlex.join(command)}`",
-        f"- commit: {commit}; machine: {machine}",
+        f"- code: commit {commit} (at the sweep's start; '+' = uncommitted changes); machine: {machine}",
         f"- wall time (this session of the sweep): {result.seconds / 60:.1f} min",
         f"- trials: {s.get('trials')} ({s.get('finished')} finished, {s.get('stopped')} stopped early by "
         f"{space.scheduler['type'].upper()}, {s.get('failed')} failed); {space.rounds} rounds of {space.steps_per_round} "
