@@ -683,8 +683,11 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def best_config_dict(space: SweepSpace, params: dict[str, Any], manifest: str) -> dict[str, Any]:
     """The best trial's config for a fresh ``rcl-dist pretrain --config``: same settings, full step
-    budget, no sweep-specific run name or storage."""
+    budget, no sweep-specific run name, storage or derived manifest."""
     cfg = trial_config(space, params, manifest, "", "x").to_dict()
+    # a manifest the sweep made from data.source is not kept: pretrain indexes the source again (the
+    # same seed gives the same manifest), so the file also works on another machine
+    cfg["data"]["manifest"] = space.base["data"]["manifest"]
     cfg["dist"]["run_name"] = None
     cfg["dist"]["storage_path"] = None
     cfg["tracking"]["experiment"] = Config().tracking.experiment

@@ -124,6 +124,7 @@ def test_overrides_and_trial_config(tmp_path):
     loaded = load_config(best)
     assert (loaded.loss.alpha, loaded.loss.temperature, loaded.train.steps) == (0.25, 0.05, 6)
     assert loaded.dist.run_name is None and loaded.dist.storage_path is None
+    assert loaded.data.manifest is None  # derived from data.source by the sweep: indexed again by pretrain
 
 
 # ---------------------------------------------------------------------------------------------- validation
