@@ -66,9 +66,10 @@ Presets (the budget is the same for every method within a preset):
 * ``cpu``: U-Net width 16 depth 3, 64^2 crops, batch 16, 1000 pre-training steps, 300 proxy steps on
   200 labels, 600 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed 0),
   12 test images per set, 2 Ray workers, fine-tuning in this process (``finetune_local``: a proxy run
-  trains one layer, and a Ray Train run costs ~20 s to start). Not run in full. Estimated
-  **about 75 minutes** on this 2-core machine, from cells of this preset timed here (other jobs were
-  sharing the 2 cores, load average 3-6): pre-training (1000 steps, incl. ~20 s Ray start-up)
+  trains one layer, and a Ray Train run costs ~20 s to start). Run in full on 2026-11-28: 75 cells,
+  0 failed, **108 minutes** on this 2-core machine with other jobs sharing the cores for ~65 of them
+  (``benchmarks/results/fidelity_cpu.md``); the estimate before the run was about 75 minutes alone,
+  from cells of this preset timed here (other jobs were sharing the 2 cores, load average 3-6): pre-training (1000 steps, incl. ~20 s Ray start-up)
   RCL-EMD 236 s, RCL-MMD 274 s, N2N 147 s, RAW RCL-EMD 84 s; proxy fine-tuning + evaluation of 3 sets
   25 s; a task Oracle (SR, 1000 full steps on 2000 labels) 31 s; a label-efficiency run (600 full steps,
   1000 labels) 55 s. So: 16 pre-trainings ~48 min (6 with the EfficientNet-Lite0 consistency term at
