@@ -25,6 +25,7 @@ __all__ = [
     "TrackingConfig",
     "ConfigError",
     "load_config",
+    "read_yaml_mapping",
 ]
 
 
@@ -249,19 +250,27 @@ def _at_least(key: str, value: int, minimum: int) -> None:
         raise ConfigError(f"{key} must be >= {minimum}, got {value!r}")
 
 
+def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``); errors name the file: ``{path}: {what} not
+    found``, ``not valid YAML (...)``, or ``{path}: {not_mapping}``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {not_mapping}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML scalars)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        raw = read_yaml_mapping(path, "config file", "a config file must be a mapping of sections")
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")

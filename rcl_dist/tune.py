@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from rcl_dist.config import Config, ConfigError
+from rcl_dist.config import Config, ConfigError, read_yaml_mapping
 
 __all__ = ["SweepSpace", "Param", "load_space", "run_sweep", "SweepResult", "trial_config"]
 
@@ -267,14 +267,7 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
 
     path = Path(path)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search space file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a search space must be a mapping (keys: {sorted(SPACE_KEYS)})")
+    raw = read_yaml_mapping(path, "search space file", f"a search space must be a mapping (keys: {sorted(SPACE_KEYS)})")
     raw = _apply_overrides(raw, overrides, source)
     unknown = set(raw) - SPACE_KEYS
     if unknown:
@@ -293,11 +286,9 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
         if not cfg_path.is_absolute():
             cfg_path = path.parent / cfg_path
         try:
-            base = yaml.safe_load(cfg_path.read_text()) or {}
-        except FileNotFoundError:
-            raise _fail(source, "config", f"{cfg_path} not found") from None
-        if not isinstance(base, dict):
-            raise _fail(source, "config", f"{cfg_path} must be a mapping of config sections")
+            base = read_yaml_mapping(cfg_path, "config file", "a config file must be a mapping of sections")
+        except ConfigError as e:
+            raise _fail(source, "config", str(e)) from None
     known = _config_keys()
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):

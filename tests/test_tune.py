@@ -91,6 +91,7 @@ def test_shipped_spaces_load():
         ({"fixed": {**TINY_FIXED, "loss.alpha": 0.1}}, "search.loss.alpha: is also in fixed"),
         ({"resources": {"workers": 3}}, "not divisible by 3 workers"),
         ({"trials": 0}, "trials: must be an integer >= 1"),
+        ({"config": "nope.yaml"}, "config: "),
         ({"points": [{"loss.alpha": 0.5}]}, "points[0]: must give exactly the searched keys"),
         ({"points": [{"loss.alpha": 5.0, "loss.temperature": 0.1}]}, "points[0].loss.alpha: 5.0 is outside the searched domain"),
     ],
