@@ -697,7 +697,7 @@ def run_sweep(
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig, TuneConfig, Tuner
 
-    from rcl_dist.train.launch import ensure_manifest, ensure_ray, rcl_home
+    from rcl_dist.train.launch import check_gpus, ensure_manifest, ensure_ray, rcl_home
     from rcl_dist.train.validate import validation_images
 
     storage = Path(storage or rcl_home() / "sweeps").expanduser().resolve()
@@ -709,6 +709,11 @@ def run_sweep(
     if not resume and exp_dir.exists():
         raise ConfigError(f"sweep {space.name!r} already exists under {storage}: pass --resume, or another name= ")
 
+    # Ray first: a request it cannot meet fails here, before any run or folder is created
+    res = space.resources
+    per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
+    check_gpus(res["workers"] if res["use_gpu"] else 0, "resources.use_gpu")
     t0 = time.perf_counter()
     tracker = None
     if resume:
@@ -738,9 +743,6 @@ def run_sweep(
                                           "space": space.to_dict(), "commit": _git_commit()}, default=list))  # fmt: skip
     trials_dir.mkdir(parents=True, exist_ok=True)
 
-    res = space.resources
-    per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
     default_point = space.default_point() if space.include_default else {}
     ctx = {"space": space.to_dict(), "manifest": manifest, "trials_dir": str(trials_dir), "tracking_uri": uri,
            "parent_run_id": parent_id, "default_point": default_point}  # fmt: skip

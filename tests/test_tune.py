@@ -317,3 +317,25 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, local_ray, 
     for r in nested:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_psnr")]
         assert steps == sorted(set(steps)) and steps[-1] == 4
+
+
+def test_gpu_request_without_gpus_fails_before_anything_is_created(tmp_path, local_ray):
+    """A local Ray on a machine without GPUs: pretrain and sweep stop at once, naming the key, with no
+    run folder, sweep folder or MLflow run left behind (Ray Train would otherwise wait forever)."""
+    import ray
+
+    from rcl_dist.train.launch import run_pretrain
+    from rcl_dist.tune import run_sweep
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has GPUs")
+    cfg = load_config(None, ["dist.use_gpu=true", f"dist.storage_path={tmp_path / 'runs'}", "dist.run_name=gpu",
+                             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="dist.use_gpu asks for 1 GPU"):
+        run_pretrain(cfg, log=lambda _m: None)
+    assert not (tmp_path / "runs" / "gpu").exists() and not (tmp_path / "m.db").exists()
+
+    space = load_space(_space(tmp_path, resources={"use_gpu": True}))
+    with pytest.raises(ConfigError, match="resources.use_gpu asks for 1 GPU"):
+        run_sweep(space, storage=tmp_path / "sweeps", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "sweeps" / "tiny").exists() and not (tmp_path / "m.db").exists()

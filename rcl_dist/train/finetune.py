@@ -682,7 +682,7 @@ def run_finetune(
     from ray.train.v2.api.config import LoggingConfig
 
     from rcl_dist.models.io import CHECKPOINT_FILE
-    from rcl_dist.train.launch import ensure_ray, rcl_home
+    from rcl_dist.train.launch import check_gpus, ensure_ray, rcl_home
 
     info = _check_before_start(spec)
     storage = Path(spec.storage_path or rcl_home() / "ray_results").expanduser().resolve()
@@ -710,6 +710,7 @@ def run_finetune(
     status = "FAILED"
     try:
         ensure_ray(num_cpus=max(os.cpu_count() or 1, int(spec.workers * spec.cpus_per_worker) + 1))
+        check_gpus(spec.workers if spec.use_gpu else 0, "use_gpu")
         trainer = TorchTrainer(
             train_func_per_worker,
             train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri},

@@ -18,7 +18,7 @@ import numpy as np
 
 from rcl_dist.config import Config, ConfigError
 
-__all__ = ["run_pretrain", "ensure_ray", "rcl_home", "ensure_manifest", "PretrainResult"]
+__all__ = ["run_pretrain", "ensure_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
 
 RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id and the manifest used
 
@@ -80,6 +80,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         raise RuntimeError(f"local Ray started on {node_ip}, not on loopback 127.0.0.1")
+
+
+def check_gpus(needed: int, key: str) -> None:
+    """Fail early when ``key`` asks for ``needed`` GPUs that the Ray cluster cannot give.
+
+    On a local Ray (every node on 127.0.0.1) nothing will join, so Ray Train would wait for the
+    GPUs forever: a :class:`ConfigError` naming ``key``. On a real cluster an autoscaler may still add
+    GPU nodes: a warning only."""
+    import warnings
+
+    import ray
+
+    if needed <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have >= needed:
+        return
+    what = f"{key} asks for {needed} GPU(s) but this Ray cluster has {have:g}"
+    if all(n.get("NodeManagerAddress") == "127.0.0.1" for n in ray.nodes()):
+        raise ConfigError(f"{what} (a local Ray on a machine without them): set {key}=false")
+    warnings.warn(f"{what}; the job waits until an autoscaler adds GPU nodes", stacklevel=2)
 
 
 def _write_bundled(folder: Path, tile_size: int, gray: bool) -> Path:
@@ -170,6 +191,9 @@ def run_pretrain(
     if not resume and run_dir.exists():
         raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
 
+    # Ray first: a request it cannot meet fails here, before any run or folder is created
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
+    check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
     tracker = None
     if resume:
         state = json.loads(state_file.read_text())
@@ -190,7 +214,6 @@ def run_pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
 
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
     simulated = str(Path(cfg.data.simulated_dir).expanduser().resolve()) if cfg.data.simulated_dir else (
         str(manifest.with_suffix("")) + "_simulated"
     )
