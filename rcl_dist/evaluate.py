@@ -84,37 +84,23 @@ EVAL_TASKS: tuple[str, ...] = ("denoise", "gaussian", "sr", "jdensr", "jdd", "re
 _NOISY_TASKS = ("denoise", "gaussian", "jdensr", "jdd")
 
 # Columns of the table of evaluate_folder, in order (one row per image).
-RESULT_COLUMNS: tuple[str, ...] = (
-    "image",  # file name
-    "task",  # denoise, gaussian, sr, jdensr, jdd, real
-    "dataset",  # name of the folder
-    "psnr",  # of the restored image against the target (dB)
-    "ssim",
-    "psnr_input",  # of the input (denoise/gaussian/real) or the classical baseline (bicubic / bilinear demosaic)
-    "ssim_input",
-    "height",  # of the target
-    "width",
-    "shot",  # Eq. 8 parameters of the synthetic noise ([0, 1] scale); null for sr and real
-    "read",
-    "sigma",  # fixed sigma on 0-255 when given; null otherwise
-)
-
 _SCHEMA = pa.schema(
     [
-        ("image", pa.string()),
-        ("task", pa.string()),
-        ("dataset", pa.string()),
-        ("psnr", pa.float64()),
+        ("image", pa.string()),  # file name
+        ("task", pa.string()),  # denoise, gaussian, sr, jdensr, jdd, real
+        ("dataset", pa.string()),  # name of the folder
+        ("psnr", pa.float64()),  # of the restored image against the target (dB)
         ("ssim", pa.float64()),
-        ("psnr_input", pa.float64()),
+        ("psnr_input", pa.float64()),  # of the input (denoise/gaussian/real) or the classical baseline (bicubic / bilinear demosaic)
         ("ssim_input", pa.float64()),
-        ("height", pa.int32()),
+        ("height", pa.int32()),  # of the target
         ("width", pa.int32()),
-        ("shot", pa.float64()),
+        ("shot", pa.float64()),  # Eq. 8 parameters of the synthetic noise ([0, 1] scale); null for sr and real
         ("read", pa.float64()),
-        ("sigma", pa.float64()),
+        ("sigma", pa.float64()),  # fixed sigma on 0-255 when given; null otherwise
     ]
 )
+RESULT_COLUMNS: tuple[str, ...] = tuple(_SCHEMA.names)
 
 
 # ---------------------------------------------------------------------------------------------- tiling
