@@ -316,9 +316,16 @@ def prepare_finetune_model(
     full: everything trainable; the last layer kept or replaced as the module docstring says.
     The fresh layer's initialisation is a function of ``spec.seed`` alone (the same for every source).
     """
+    model, cfg = _load_source(spec, map_location)
+    head, params = prepare_loaded_model(model, cfg, spec)
+    return model, cfg, head, params
+
+
+def prepare_loaded_model(model: nn.Module, cfg: Config, spec: FinetuneSpec) -> tuple[dict[str, Any], list[nn.Parameter]]:
+    """:func:`prepare_finetune_model` on a model already in hand (changed in place): (head record,
+    trainable params). The sweep's proxy validation uses it on a copy of the network it pre-trains."""
     from rcl_dist.data.spec import derived_seed
 
-    model, cfg = _load_source(spec, map_location)
     kind, out = task_head(model, cfg, spec.task)
     current = (head_kind(model.head), int(model.head.out_channels))
     if spec.mode == "proxy" or spec.head == "new":
@@ -340,7 +347,7 @@ def prepare_finetune_model(
     else:
         model.unfreeze()
         params = [p for p in model.parameters()]
-    return model, cfg, {"kind": kind, "out_channels": out, "fresh": fresh}, params
+    return {"kind": kind, "out_channels": out, "fresh": fresh}, params
 
 
 # ------------------------------------------------------------------------------------------ the labels
@@ -606,13 +613,10 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.pretrain import DDPRestorer
+    from rcl_dist.train.pretrain import DDPRestorer, worker_setup
 
     spec = FinetuneSpec.from_dict(loop_config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_flush_denormal(True)  # see train/local.py: subnormals stall CPU convolutions
+    rank, world, device = worker_setup()
 
     # the same weights on every rank: preparation is seeded by spec.seed alone (DDP also broadcasts rank 0's)
     inner, cfg, head, params = prepare_finetune_model(spec, map_location="cpu")

@@ -27,7 +27,7 @@ from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.io import CHECKPOINT_FILE
 from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
 
-__all__ = ["train_func_per_worker", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
+__all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
@@ -157,6 +157,17 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def worker_setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker, with subnormal floats flushed to zero
+    (see train/local.py: subnormals stall CPU convolutions). Pre-training and fine-tuning workers."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    torch.set_flush_denormal(True)
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 VALIDATION_KEYS = ("val_psnr", "val_ssim", "val_l1", "val_seconds")
 
 
@@ -180,10 +191,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 1. set-up: config, rank, device, seeds
     cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_flush_denormal(True)  # see train/local.py: subnormals stall CPU convolutions
+    rank, world, device = worker_setup()
     torch.manual_seed(cfg.train.seed + rank)
     gpu = device.type == "cuda"
 

@@ -124,10 +124,9 @@ class ProxyValidator:
             self._val.append((x, y))
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from rcl_dist.data.spec import derived_seed
         from rcl_dist.evaluate import tiled_restore
         from rcl_dist.metrics import image_metrics
-        from rcl_dist.train.finetune import _make_optimizer, _seeded, task_head, train_on_labels
+        from rcl_dist.train.finetune import _make_optimizer, prepare_loaded_model, train_on_labels
 
         t0 = time.perf_counter()
         device = next(model.parameters()).device
@@ -136,10 +135,7 @@ class ProxyValidator:
             self._load(gray)
         spec = self._spec()
         net = copy.deepcopy(model).float()
-        kind, out = task_head(net, self.cfg, "denoise")
-        with _seeded(derived_seed(spec.seed, "finetune-head")):  # as prepare_finetune_model: same fresh layer
-            net.replace_head(net.new_head(kind, out))
-        params = net.freeze_all_but_head()
+        _, params = prepare_loaded_model(net, self.cfg, spec)  # proxy: the fine-tuning issue's fresh last layer
         opt = _make_optimizer(params, spec)
         with torch.enable_grad():
             last = train_on_labels(net, net, opt, self._labels, spec, device, reduce=False, verbose=False)
