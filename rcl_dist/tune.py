@@ -129,8 +129,7 @@ class SweepSpace:
         return self.rounds * self.steps_per_round
 
     def default_point(self) -> dict[str, Any]:
-        cfg = Config.from_dict(self.base)
-        return {p.key: _get(cfg.to_dict(), p.key) for p in self.params}
+        return {p.key: _get(self.base, p.key) for p in self.params}  # base: a complete, validated config dict
 
     def initial_points(self) -> list[dict[str, Any]]:
         """Configurations evaluated before the search algorithm's own: the default, then ``points``."""
@@ -208,9 +207,8 @@ def _parse_param(source: str, key: str, spec: Any, base: dict[str, Any], known: 
         raise _fail(source, where, f"{kind} needs finite low < high, got [{arg[0]}, {arg[1]}]")
     if kind == "loguniform" and low <= 0:
         raise _fail(source, where, f"loguniform needs low > 0, got {arg[0]}")
-    if isinstance(Config().to_dict()[key.split(".")[0]][key.split(".")[1]], int) and not isinstance(
-        Config().to_dict()[key.split(".")[0]][key.split(".")[1]], bool
-    ):
+    default = _get(Config().to_dict(), key)
+    if isinstance(default, int) and not isinstance(default, bool):
         raise _fail(source, where, f"{key} takes integers: use choice, not {kind}")
     for v in (low, high):
         _check_value(source, base, key, v, where)
@@ -445,9 +443,8 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         else:
             tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.name": space.name, "sweep.trial_id": trial_id,
                     "sweep.default": str(params == ctx["default_point"]).lower()}  # fmt: skip
+            tags.update({f"sweep.param.{k}": v for k, v in params.items()})
             tracker = RunTracker.start(ctx["tracking_uri"], space.experiment, f"{space.name}-{run_name}", cfg.to_dict(), tags=tags)
-            for k, v in params.items():
-                tracker.set_tags({f"sweep.param.{k}": v})
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "params": params}))
     objective = {**space.objective, "manifest": ctx["manifest"]}
@@ -728,10 +725,10 @@ def run_sweep(
 
             tracker = RunTracker.start(uri, space.experiment, None, None, run_id=parent_id)
     else:
-        manifest = str(ensure_manifest(Config.from_dict(space.base), log))
+        base_cfg = Config.from_dict(space.base)
+        manifest = str(ensure_manifest(base_cfg, log))
         validation_images(manifest, space.objective.get("val_split", "val"), 1)  # fails now, not in every trial
         parent_id, uri = None, None
-        base_cfg = Config.from_dict(space.base)
         if base_cfg.tracking.enabled:
             from rcl_dist.tracking import RunTracker, resolve_tracking_uri
 
@@ -784,9 +781,7 @@ def run_sweep(
     result.parent_run_id, result.tracking_uri = parent_id, uri
     result.seconds = time.perf_counter() - t0
     if tracker is not None:
-        from rcl_dist.tracking import _client
-
-        _client(uri).log_metric(parent_id, "sweep_seconds_last_session", result.seconds)
+        tracker.client.log_metric(parent_id, "sweep_seconds_last_session", result.seconds)
     return result
 
 
