@@ -299,6 +299,15 @@ def _downscale2(hr: torch.Tensor) -> torch.Tensor:
     return F.interpolate(hr[None], size=(h // 2, w // 2), mode="bicubic", antialias=True, align_corners=False)[0]
 
 
+def _check_task_sigma(task: str, sigma: float | None) -> None:
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task == "gaussian" and sigma is None:
+        raise ValueError("task 'gaussian' needs sigma (0-255 scale, e.g. 15, 25 or 50)")
+    if sigma is not None and task not in _NOISY_TASKS:
+        raise ValueError(f"sigma applies to tasks {_NOISY_TASKS}, not {task!r}")
+
+
 def make_test_pair(
     clean: torch.Tensor | np.ndarray,
     task: str,
@@ -321,12 +330,7 @@ def make_test_pair(
     ``real``: ``clean`` is the clean ``*_mean`` image and ``noisy`` the real ``*_real`` photograph.
     SR and JDD targets are the clean image cropped to even height and width.
     """
-    if task not in EVAL_TASKS:
-        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
-    if task == "gaussian" and sigma is None:
-        raise ValueError("task 'gaussian' needs sigma (0-255 scale, e.g. 15, 25 or 50)")
-    if sigma is not None and task not in _NOISY_TASKS:
-        raise ValueError(f"sigma applies to tasks {_NOISY_TASKS}, not {task!r}")
+    _check_task_sigma(task, sigma)
     clean_t = _as_tensor(clean)
 
     if task == "real":
@@ -426,12 +430,7 @@ def evaluate_folder(
     """
     if task == "denoise" and sigma is not None:
         task = "gaussian"
-    if task not in EVAL_TASKS:
-        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
-    if task == "gaussian" and sigma is None:
-        raise ValueError("task 'gaussian' needs sigma (0-255 scale, e.g. 15, 25 or 50)")
-    if sigma is not None and task not in _NOISY_TASKS:
-        raise ValueError(f"sigma applies to tasks {_NOISY_TASKS}, not {task!r}")
+    _check_task_sigma(task, sigma)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     folder = Path(folder)
