@@ -133,6 +133,11 @@ class Preset:
     label_threads: int = 0  # DataLoader workers that read label crops
     sigmas: tuple[float, ...] = (15.0, 25.0, 50.0)  # Gaussian context rows
     lr: float = 1e-3  # Adam, Sec. 4 (pre-training and fine-tuning)
+    global_residual: bool = True  # model.global_residual of every network (labelled in every row)
+    schedule: str = "constant"  # learning rate of pre-training and full fine-tuning: "constant" | "cosine"
+    warmup: int = 0  # linear warm-up steps (pre-training and full fine-tuning)
+    proxy_fit: str = "lstsq+l1"  # how proxy cells fit their fresh last layer (rcl_dist.train.probe)
+    gaussian_sigma_max: float = 55.0  # the blind Gaussian Oracle of the context rows trains on sigma in [0, this]
 
     def __post_init__(self) -> None:
         if self.finetune_engine not in ("local", "ray"):
@@ -145,6 +150,13 @@ class Preset:
             raise ValueError(f"preset {self.name}: crop must be even and >= 8 (SR, RAW), got {self.crop}")
         if not self.seeds or not self.label_counts:
             raise ValueError(f"preset {self.name}: seeds and label_counts must not be empty")
+        from rcl_dist.train.probe import PROBE_FITS
+        from rcl_dist.train.schedule import SCHEDULES
+
+        if self.proxy_fit not in PROBE_FITS:
+            raise ValueError(f"preset {self.name}: proxy_fit must be one of {list(PROBE_FITS)}, got {self.proxy_fit!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"preset {self.name}: schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,15 +195,19 @@ PRETRAIN_METHODS: dict[str, list[str]] = {
     "Consistency": ["loss.method=consistency"],
     "Oracle": ["loss.method=supervised"],
     "RCL-EMD (RAW)": ["loss.method=rcl", "loss.distance=emd", "model.raw=packed"],
+    # the context rows' blind Gaussian denoiser: supervised, shot 0, sigma ~ U(0, gaussian_sigma_max) per image
+    "Oracle (Gaussian)": ["loss.method=supervised", "data.sampler=gaussian", "data.sigma_min=0.0"],
 }
 RANDOM_INIT = "No pre-training"
 SL_DEN = "SL (Den)"
 RCL_SL = "RCL-EMD + SL"
 SL_SCRATCH = "SL (scratch)"
 RCL_ZERO = "RCL-EMD (no fine-tuning)"
+ORACLE_OWN = "Oracle (own head)"  # the supervised denoiser applied as it is: the proxy's reference
+ORACLE_GAUSS = "Oracle (Gaussian)"
 MULTI_SEED = ("RCL-EMD", "N2N", "N2S", RANDOM_INIT, "Oracle")  # denoising rows with every seed
 PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Consistency", RANDOM_INIT)
-METHOD_ORDER = PROXY_RGB + (SL_DEN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL)
+METHOD_ORDER = PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS)
 
 # Evaluation sets per task: (dataset name, path under shared/data).
 EVAL_SETS: dict[str, list[tuple[str, str]]] = {
@@ -210,7 +226,8 @@ EVAL_SEED = 0  # test inputs: the same for every method, seed and run
 PUBLISHED_CBSD68 = {"CBM3D": (33.52, 30.71, 27.38), "CDnCNN": (33.89, 31.23, 27.92), "FFDNet": (33.87, 31.21, 27.96)}
 
 ROW_KEYS = ("method", "task", "dataset", "psnr_mean", "psnr_std", "ssim_mean", "seeds", "labels")
-EXTRA_ROW_KEYS = ("study", "sigma", "ssim_std", "n_images", "psnr_input_mean", "ssim_input_mean", "seed_list")
+EXTRA_ROW_KEYS = ("study", "sigma", "ssim_std", "n_images", "psnr_input_mean", "ssim_input_mean", "seed_list",
+                  "head", "global_residual")  # fmt: skip
 
 
 def base_overrides(p: Preset) -> list[str]:
@@ -224,6 +241,9 @@ def base_overrides(p: Preset) -> list[str]:
         f"train.batch_size={p.batch_size}",
         f"train.steps={p.pretrain_steps}",
         f"train.lr={p.lr}",
+        f"train.schedule={p.schedule}",
+        f"train.warmup={p.warmup}",
+        f"model.global_residual={'true' if p.global_residual else 'false'}",
         f"train.log_every={p.log_every}",
         f"dist.workers={p.workers}",
         f"dist.use_gpu={'true' if p.use_gpu else 'false'}",
@@ -255,8 +275,19 @@ class Cell:
     mode: str = "proxy"
     steps: int = 0
     batch_size: int = 0
-    manifest: str = "train"  # "train" (CBSD432) or "real" (PolyU train split)
+    manifest: str = "train"  # "train" (CBSD432), "real" (PolyU train split), "gaussian" (CBSD432, Gaussian noise)
     evals: list[tuple[str, str, str, float | None]] = field(default_factory=list)  # (dataset, folder key, task, sigma)
+    all_images: bool = False  # evaluate every image of each set (else the preset's eval_limit)
+    fit: str = "lstsq+l1"  # proxy cells: the probe's fit
+
+    @property
+    def head(self) -> str:
+        """How the evaluated network's last layer came about (a column of every row)."""
+        if self.kind in ("zero", "gaussian"):
+            return "own"
+        if self.kind == "finetune":
+            return "full fine-tuning" if self.mode == "full" else f"fresh, {self.fit}"
+        return ""
 
     @property
     def key(self) -> str:
@@ -284,16 +315,19 @@ def build_plan(p: Preset) -> list[Cell]:
         return p.seeds if method in ("RCL-EMD", "N2N", "N2S", "Oracle") else (first,)
 
     for method, ov in PRETRAIN_METHODS.items():
+        gauss = method == ORACLE_GAUSS
+        ov = list(ov) + ([f"data.sigma_max={p.gaussian_sigma_max / 255.0}"] if gauss else [])
         for s in pre_seeds(method):
-            cells.append(Cell("pretrain", method, s, "pretrain", 0, study="pretrain", overrides=list(ov),
-                              raw="model.raw=packed" in ov, steps=p.pretrain_steps, batch_size=p.batch_size))  # fmt: skip
+            cells.append(Cell("pretrain", method, s, "pretrain", 0, study="pretrain", overrides=ov,
+                              raw="model.raw=packed" in ov, steps=p.pretrain_steps, batch_size=p.batch_size,
+                              manifest="gaussian" if gauss else "train"))  # fmt: skip
 
     def proxy(method: str, seed: int, task: str, source_method: str | None, raw: bool = False, study: str = "proxy") -> Cell:
         return Cell(
             "finetune", method, seed, task, p.proxy_labels, study=study,
             source=None if source_method is None else cell_key(source_method, seed, "pretrain", 0),
             raw=raw, mode="proxy", steps=p.proxy_steps, batch_size=p.batch_size,
-            manifest="real" if task == "real" else "train", evals=_evals(task),
+            manifest="real" if task == "real" else "train", evals=_evals(task), fit=p.proxy_fit,
         )  # fmt: skip
 
     def task_oracle(task: str) -> Cell:
@@ -303,7 +337,10 @@ def build_plan(p: Preset) -> list[Cell]:
             manifest="real" if task == "real" else "train", evals=_evals(task),
         )  # fmt: skip
 
-    # Table 1: denoising, proxy
+    # Table 1: denoising, proxy; the Oracle also with its own last layer (the proxy's reference)
+    for s in p.seeds:
+        cells.append(Cell("zero", ORACLE_OWN, s, "denoise", 0, study="proxy",
+                          source=cell_key("Oracle", s, "pretrain", 0), evals=_evals("denoise")))  # fmt: skip
     for method in PROXY_RGB + ("Oracle",):
         for s in p.seeds if method in MULTI_SEED else (first,):
             cells.append(proxy(method, s, "denoise", None if method == RANDOM_INIT else method))
@@ -325,10 +362,9 @@ def build_plan(p: Preset) -> list[Cell]:
             for method, src in ((RCL_SL, cell_key("RCL-EMD", s, "pretrain", 0)), (SL_SCRATCH, None)):
                 cells.append(Cell("finetune", method, s, "denoise", n, study="label-efficiency", source=src,
                                   mode="full", steps=p.full_steps, batch_size=p.batch_size, evals=_evals("denoise")))  # fmt: skip
-    # context: the Oracle under Gaussian noise
-    for s in p.seeds:
-        cells.append(Cell("gaussian", "Oracle", s, "gaussian", p.proxy_labels, study="context",
-                          source=cell_key("Oracle", s, "denoise", p.proxy_labels), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
+    # context: the blind Gaussian Oracle with its own head, every CBSD68 image, beside published figures
+    cells.append(Cell("gaussian", ORACLE_GAUSS, first, "gaussian", 0, study="context", all_images=True,
+                      source=cell_key(ORACLE_GAUSS, first, "pretrain", 0), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
     # Fig. 2
     cells.append(Cell("fig2", "RCL-EMD", first, "fig2", 0, study="fig2", source=cell_key("RCL-EMD", first, "pretrain", 0)))
     keys = [c.key for c in cells]
@@ -388,6 +424,9 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         workers=w,
         use_gpu=p.use_gpu and engine_ray,
         label_threads=p.label_threads,
+        fit=cell.fit,
+        schedule=p.schedule,
+        warmup=p.warmup if p.warmup < cell.steps else 0,
         log_every=max(1, min(p.log_every, cell.steps)),
         tracking=engine_ray,  # the local engine is tracked by this harness
         tracking_uri=tracking_uri,
@@ -470,6 +509,10 @@ def rows_from_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
     import statistics
 
     groups: dict[tuple, list[tuple[int, dict[str, Any]]]] = {}
+    records = list(records)
+    records_by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        records_by_key.setdefault((rec.get("study", ""), rec["method"], int(rec["labels"])), []).append(rec)
     for rec in records:
         for res in rec.get("results") or []:
             k = (rec.get("study", ""), rec["method"], res["task"], res["dataset"], int(rec["labels"]), res.get("sigma"))
@@ -506,6 +549,8 @@ def rows_from_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
                 "psnr_input_mean": mean(col("psnr_input_mean")),
                 "ssim_input_mean": mean(col("ssim_input_mean")),
                 "seed_list": ",".join(str(s) for s in seeds),
+                "head": next((r.get("head") for r in records_by_key.get((study, method, labels), [])), None),
+                "global_residual": next((r.get("global_residual") for r in records_by_key.get((study, method, labels), [])), None),
             }
         )
     order = {"proxy": 0, "label-efficiency": 1, "context": 2}
@@ -532,7 +577,8 @@ def write_rows(rows: Sequence[dict[str, Any]], out_stem: str | os.PathLike) -> d
             ("psnr_mean", pa.float64()), ("psnr_std", pa.float64()), ("ssim_mean", pa.float64()),
             ("seeds", pa.int64()), ("labels", pa.int64()), ("study", pa.string()), ("sigma", pa.float64()),
             ("ssim_std", pa.float64()), ("n_images", pa.int64()), ("psnr_input_mean", pa.float64()),
-            ("ssim_input_mean", pa.float64()), ("seed_list", pa.string()),
+            ("ssim_input_mean", pa.float64()), ("seed_list", pa.string()), ("head", pa.string()),
+            ("global_residual", pa.bool_()),
         ]
     )  # fmt: skip
     paths = {"json": stem.with_name(stem.name + ".json"), "parquet": stem.with_name(stem.name + ".parquet")}
@@ -570,6 +616,23 @@ def _pivot(rows: list[dict[str, Any]], methods: Sequence[str], columns: Sequence
     return "\n".join(lines) + "\n"
 
 
+def probe_summary(records: Iterable[dict[str, Any]]) -> str | None:
+    """One line on the proxy cells' fits: how many converged, seconds, label L1 closed form -> final."""
+    import statistics
+
+    fits = [r["train_metrics"] for r in records if r.get("kind") == "finetune" and r.get("mode") == "proxy"
+            and "probe_seconds" in (r.get("train_metrics") or {})]  # fmt: skip
+    if not fits:
+        return None
+    conv = sum(1 for m in fits if m.get("probe_converged"))
+    gain = [1 - m["label_l1"] / m["probe_lstsq_l1"] for m in fits if m.get("probe_lstsq_l1")]
+    return (f"{len(fits)} fits, {conv} converged; seconds per fit (features + solve + refinement) median "
+            f"{statistics.median(m['probe_seconds'] for m in fits):.1f}, max {max(m['probe_seconds'] for m in fits):.1f}; "
+            f"iterations median {statistics.median(m['probe_iterations'] for m in fits):.0f}"
+            + (f"; L1 refinement lowered the label L1 below the closed form's by {100 * statistics.median(gain):.2f} % (median)"
+               if gain else "") + ".")  # fmt: skip
+
+
 def fig2_images_note(preset: Preset) -> str:
     return (f"Pairs of overlapping {preset.crop}x{preset.crop} crops of {preset.fig2_images} CBSD68 images (each with its own "
             "NLF noise, sigma in [0, 20]); every other image of the batch is a negative.")  # fmt: skip
@@ -577,7 +640,7 @@ def fig2_images_note(preset: Preset) -> str:
 
 def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[str, Any], fig2: str | None,
                     failures: list[dict[str, Any]], timing: dict[str, Any], polyu_split: dict[str, list[str]] | None,
-                    fig2_stats: dict[str, Any] | None = None) -> str:  # fmt: skip
+                    fig2_stats: dict[str, Any] | None = None, probe_stats: str | None = None) -> str:  # fmt: skip
     """The whole ``<out>.md``."""
     from rcl_dist.evaluate import markdown_table
 
@@ -609,7 +672,13 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
                "(evaluation seed 0), identical for every method.\n")  # fmt: skip
     den = [("denoise", d) for d, _ in EVAL_SETS["denoise"]]
     out.append("## Table 1 analogue: proxy evaluation, denoising (NLF noise, sigma in [0, 20])\n")
-    out.append(_pivot(rows, PROXY_RGB + ("Oracle",), den, study="proxy"))
+    out.append(_pivot(rows, PROXY_RGB + (ORACLE_OWN, "Oracle"), den, study="proxy"))
+    out.append(f"Proxy rows: every weight frozen but a fresh last layer fitted on {preset.proxy_labels} labelled crops "
+               f"(fit `{preset.proxy_fit}`, `rcl_dist.train.probe`). {ORACLE_OWN}: the supervised denoiser with its own "
+               "last layer, which lies in the proxy's hypothesis class (the proxy's reference). "
+               f"Networks: U-Net with `model.global_residual={str(preset.global_residual).lower()}`.\n")  # fmt: skip
+    if probe_stats:
+        out.append("Probe fits (every proxy cell): " + probe_stats + "\n")
     out.append("## Table 2 analogue: proxy evaluation, SR x2 and JDenSR\n")
     cols = [(t, d) for t in ("sr", "jdensr") for d, _ in EVAL_SETS[t]]
     out.append(_pivot(rows, PROXY_RGB + (SL_DEN, "Oracle"), cols, study="proxy"))
@@ -643,19 +712,24 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
         out.append("\n".join(lines) + "\n")
         out.append("Row 0: the pre-trained RCL-EMD network applied directly (no labels). SL (scratch): the same "
                    "architecture from random initialisation on the same labels and seed.\n")  # fmt: skip
-    out.append("## Context: the denoise Oracle under Gaussian noise on CBSD68\n")
+    out.append("## Context: a blind Gaussian Oracle on all of CBSD68\n")
     ctx = {r["sigma"]: r for r in rows if r["study"] == "context"}
     if ctx:
         lines = ["| method | " + " | ".join(f"sigma {s:g}" for s in preset.sigmas) + " |", "|---|" + "---|" * len(preset.sigmas)]
-        lines.append("| Oracle (this run) | " + " | ".join(_fmt_cell(ctx.get(float(s))) for s in preset.sigmas) + " |")
+        lines.append(f"| {ORACLE_GAUSS} (this run, own head) | " + " | ".join(_fmt_cell(ctx.get(float(s))) for s in preset.sigmas) + " |")
         for name, vals in PUBLISHED_CBSD68.items():
             if len(vals) == len(preset.sigmas):
                 lines.append(f"| {name} (published, all 68 images) | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
         lines.append("| *noisy input* | " + " | ".join(
             "–" if ctx.get(float(s)) is None else f"{ctx[float(s)]['psnr_input_mean']:.2f}" for s in preset.sigmas) + " |")  # fmt: skip
         out.append("\n".join(lines) + "\n")
-        out.append("The Oracle was trained on NLF noise with sigma in [0, 20] (0-255 scale) at this run's budget; "
-                   "published figures are from networks trained for each sigma on far more data.\n")  # fmt: skip
+        n_ctx = next(iter(ctx.values())).get("n_images")
+        out.append(f"{ORACLE_GAUSS}: one blind U-Net (width {preset.width}, depth {preset.depth}) trained supervised on "
+                   f"CBSD432 with plain Gaussian noise, sigma ~ U(0, {preset.gaussian_sigma_max:g}) per image (0-255 scale), "
+                   f"{preset.pretrain_steps} steps x batch {preset.batch_size} of {preset.crop}x{preset.crop} crops "
+                   f"(= {preset.pretrain_steps * preset.batch_size} crops seen), seed {preset.seeds[0]}; evaluated with its "
+                   f"own last layer on {n_ctx} CBSD68 images. The published figures are of networks trained per sigma "
+                   "(CDnCNN also blind) on far more data for far longer: context, not a target.\n")  # fmt: skip
     out.append("## Fig. 2: EMD(negative) − EMD(positive) before and after RCL-EMD training\n")
     out.append(f"![Fig. 2]({fig2})\n" if fig2 else "(not produced)\n")
     if fig2_stats:
@@ -793,18 +867,23 @@ class Harness:
         return dirs["train"], dirs["test"]
 
     def manifest(self, which: str) -> str:
-        """The CBSD432 manifest ("train") or the PolyU training-split manifest ("real"), indexed once."""
+        """The CBSD432 manifest ("train": NLF noise, sigma in [0, 20]; "gaussian": shot 0, sigma in
+        [0, gaussian_sigma_max]) or the PolyU training-split manifest ("real"), indexed once."""
         if which in self._manifests:
             return self._manifests[which]
         from rcl_dist.data.manifest import index_images
 
+        sampler, sigma_max = "uniform", 20.0 / 255.0
         if which == "train":
             folder, out = self.shared() / TRAIN_SET, self.work / "data" / "cbsd432.parquet"
+        elif which == "gaussian":
+            folder, out = self.shared() / TRAIN_SET, self.work / "data" / "cbsd432_gaussian.parquet"
+            sampler, sigma_max = "gaussian", self.preset.gaussian_sigma_max / 255.0
         else:
             folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
-        index_images([(str(folder), "train")], out, seed=0, sampler="uniform",
-                     sampler_options={"sigma_min": 0.0, "sigma_max": 20.0 / 255.0}, log=lambda *_: None)  # fmt: skip
+        index_images([(str(folder), "train")], out, seed=0, sampler=sampler,
+                     sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None)  # fmt: skip
         self._manifests[which] = str(out)
         return str(out)
 
@@ -840,7 +919,8 @@ class Harness:
         rec = {
             "key": key, "kind": cell.kind, "method": cell.method, "seed": cell.seed, "task": cell.task,
             "labels": cell.labels, "study": cell.study, "mode": cell.mode, "source": cell.source,
-            "steps": cell.steps, "seconds": round(time.perf_counter() - t0, 2),
+            "steps": cell.steps, "seconds": round(time.perf_counter() - t0, 2), "head": cell.head,
+            "global_residual": self.preset.global_residual,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec,
         }  # fmt: skip
         self.ran.append(key)
@@ -899,7 +979,7 @@ class Harness:
         attempt = 0
         while True:
             run_name = name if attempt == 0 else f"{name}-r{attempt}"
-            cfg = pretrain_config(self.preset, cell, self.manifest("train"), experiment=self.experiment, run_name=run_name)
+            cfg = pretrain_config(self.preset, cell, self.manifest(cell.manifest), experiment=self.experiment, run_name=run_name)
             try:
                 result = run_pretrain(cfg, resume=resume and attempt == 0, tracking_uri=self.tracking_uri, log=self.log)
                 break
@@ -932,7 +1012,8 @@ class Harness:
 
         results = []
         for dataset, folder_key, task, sigma in cell.evals:
-            table = evaluate_folder(model, self.folder(folder_key), task, seed=EVAL_SEED, limit=self.preset.eval_limit,
+            limit = None if cell.all_images else self.preset.eval_limit
+            table = evaluate_folder(model, self.folder(folder_key), task, seed=EVAL_SEED, limit=limit,
                                     sigma=sigma, device=self._device(), progress=None)  # fmt: skip
             s = summarise(table)
             s.update(dataset=dataset, task=task, sigma=sigma)
@@ -1138,7 +1219,8 @@ class Harness:
                 pass
         md = markdown_report(rows, preset=self.preset, header=self.header(wall), fig2=fig.name if fig.is_file() else None,
                              failures=self.failures, timing=self.timing(records), polyu_split=self._polyu,
-                             fig2_stats=next((r.get("fig2") for r in records if r["kind"] == "fig2"), None))  # fmt: skip
+                             fig2_stats=next((r.get("fig2") for r in records if r["kind"] == "fig2"), None),
+                             probe_stats=probe_summary(records))  # fmt: skip
         paths["md"] = self.out.with_name(self.out.name + ".md")
         paths["md"].write_text(md)
         if fig.is_file():

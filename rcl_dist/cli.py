@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     idx.add_argument("--seed", type=int, default=0, help="base seed of splits and noise parameters")
     idx.add_argument("--val-fraction", type=float, default=0.1)
     idx.add_argument("--test-fraction", type=float, default=0.0)
-    idx.add_argument("--sampler", choices=("uniform", "brooks"), default="uniform", help="NLF parameter sampler")
+    idx.add_argument("--sampler", choices=("uniform", "brooks", "gaussian"), default="uniform", help="NLF parameter sampler")
     idx.add_argument("--sigma-min", type=float, default=0.0, help="uniform sampler: sigma range on [0, 1]")
     idx.add_argument("--sigma-max", type=float, default=20.0 / 255.0)
     sim = dsub.add_parser("simulate", help="materialise each image's fixed noisy realisation (.npy)")
@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--labels", type=int, default=100, help="N labelled training crops (seeded: the same for every method)")
     ft.add_argument("--manifest", default=None, help="labelled images (default: the pre-training run's manifest)")
     ft.add_argument("--config", type=Path, default=None, help="with --from none: the architecture (YAML config)")
-    ft.add_argument("--steps", type=int, default=1000)
+    ft.add_argument("--fit", default="lstsq+l1", choices=("lstsq+l1", "lstsq", "adam"),
+                    help="proxy mode: how the fresh last layer is fitted: closed-form least squares then IRLS towards "
+                         "L1 until the label L1 settles (default), least squares only, or --steps Adam steps (comparison)")
+    ft.add_argument("--steps", type=int, default=1000, help="full mode (and --fit adam): Adam steps")
+    ft.add_argument("--schedule", default="constant", choices=("constant", "cosine"), help="full mode: learning rate")
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--crop", type=int, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
@@ -206,7 +210,7 @@ def _finetune(args) -> None:
         source=source, task=args.task, mode=args.mode, labels=args.labels, steps=args.steps,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, manifest=str(manifest),
         workers=args.workers, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri, out=args.out,
-        config=load_config(args.config).to_dict() if source == "none" else None,
+        config=load_config(args.config).to_dict() if source == "none" else None, fit=args.fit, schedule=args.schedule,
     )
     r = run_finetune(spec)
     m = r.metrics or {}
@@ -221,7 +225,7 @@ def _data(args) -> None:
     from rcl_dist.data import manifest
 
     if args.data_command == "index":
-        options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler == "uniform" else None
+        options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler in ("uniform", "gaussian") else None
         manifest.index_images(  # logs its progress, rejects and summary
             args.dirs,
             args.out,

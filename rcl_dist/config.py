@@ -9,6 +9,7 @@ Ray's ``train_loop_config``, MLflow params and checkpoints store; ``Config.from_
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -40,6 +41,10 @@ class ModelConfig:
     depth: int = 4  # U-Net: number of 2x downsamplings; DnCNN: number of conv layers
     in_channels: int = 3  # 3 RGB, 1 grey (RAW inputs come with `raw`)
     raw: str | None = None  # None, "mosaic" ([B,1,H,W] RGGB) or "packed" ([B,4,H/2,W/2]) RAW input
+    # U-Net: f(x) = x + head(body(x)) where the head's output has the input's shape (denoising heads;
+    # a fresh head then starts at zero, the identity). False: the paper's U-Net predicts the image
+    # directly (App. D.3). DnCNN predicts the noise, restore = x - f(x): residual by construction.
+    global_residual: bool = True
 
     def validate(self) -> None:
         _choice("model.name", self.name, ("unet", "dncnn"))
@@ -87,7 +92,7 @@ class DataConfig:
     tile: int = 128  # bundled/large images are cut into tiles of this size, each its own 'image' (0: off)
     crop: int = 64  # crop size c of each of the two crops (the paper: >= 128 where images allow)
     overlap: float = 0.5  # two crops share at least this fraction of their side per axis
-    sampler: str = "uniform"  # NLF parameter sampler: "uniform" (App. C.1) or "brooks" (Eq. 12-13)
+    sampler: str = "uniform"  # NLF parameter sampler: "uniform" (App. C.1), "brooks" (Eq. 12-13), "gaussian" (shot 0)
     sigma_min: float = 0.0  # App. C.1 sigma range on the [0, 1] scale (paper: [0, 20] on 0-255)
     sigma_max: float = 20.0 / 255.0
     max_images: int = 0  # use at most this many images (0: all)
@@ -99,7 +104,7 @@ class DataConfig:
     threads: int = 2  # DALI threads / DataLoader workers per training worker
 
     def validate(self) -> None:
-        _choice("data.sampler", self.sampler, ("uniform", "brooks"))
+        _choice("data.sampler", self.sampler, ("uniform", "brooks", "gaussian"))
         _choice("data.realisation", self.realisation, ("fresh", "fixed"))
         _choice("data.engine", self.engine, ("dali", "torch"))
         _choice("data.split", self.split, ("train", "val", "test"))
@@ -123,6 +128,7 @@ class TrainConfig:
     eps: float = 1e-7
     grad_clip: float | None = None  # max gradient norm (None: off)
     schedule: str = "constant"  # learning rate: "constant" (the paper) or "cosine" decay to 0
+    warmup: int = 0  # linear learning-rate warm-up over this many first steps (either schedule)
     seed: int = 0  # base seed; worker r uses seed + r
     log_every: int = 10  # print / record metrics every this many steps
     nonfinite_limit: int = 10  # stop after this many non-finite losses in a row (each such step is skipped)
@@ -130,6 +136,9 @@ class TrainConfig:
     def validate(self) -> None:
         _choice("train.schedule", self.schedule, ("constant", "cosine"))
         _at_least("train.nonfinite_limit", self.nonfinite_limit, 1)
+        _at_least("train.warmup", self.warmup, 0)
+        if self.warmup >= self.steps:
+            raise ConfigError(f"train.warmup {self.warmup} must be smaller than train.steps {self.steps}")
         _at_least("train.steps", self.steps, 1)
         _at_least("train.batch_size", self.batch_size, 2)
         _at_least("train.log_every", self.log_every, 1)
@@ -222,6 +231,9 @@ def _section(cls: type, name: str, values: Any) -> Any:
     return cls(**{k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()})
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Check ``value`` against the field type (int -> float is allowed; bool is not an int)."""
     options = get_args(typ) if get_origin(typ) is not None else (typ,)
@@ -230,6 +242,8 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             return None
         raise ConfigError(f"{key} may not be null")
     for t in options:
+        if t is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if t is int and isinstance(value, int) and not isinstance(value, bool):

@@ -83,3 +83,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over every rank (a new tensor; ``t`` itself when not distributed)."""
+    if not is_distributed():
+        return t
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out

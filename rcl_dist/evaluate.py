@@ -276,7 +276,7 @@ def _noise_params(
             raise ValueError(f"sigma must be >= 0 (0-255 scale), got {sigma!r}")
         return 0.0, float((sigma / 255.0) ** 2)
     g = torch.Generator().manual_seed(derived_seed(seed, image_id, "eval-nlf"))
-    options = {"sigma_min": sigma_min, "sigma_max": sigma_max} if sampler == "uniform" else {}
+    options = {"sigma_min": sigma_min, "sigma_max": sigma_max} if sampler in ("uniform", "gaussian") else {}
     p = sample_nlf(sampler, 1, generator=g, **options)
     return float(p.shot[0]), float(p.read[0])
 

@@ -109,7 +109,18 @@ def sample_nlf_brooks(
     return NoiseParams(shot=log_shot.exp().float(), read=log_read.exp().float())
 
 
-SAMPLERS = {"uniform": sample_nlf_uniform, "brooks": sample_nlf_brooks}
+def sample_gaussian(
+    n: int, sigma_min: float = 0.0, sigma_max: float = 55.0 / 255.0, *, generator: torch.Generator | None = None
+) -> NoiseParams:
+    """Plain (homoscedastic) Gaussian noise, the special case lambda_shot = 0 of Eq. 8:
+    sigma ~ U(sigma_min, sigma_max), lambda_read = sigma^2 (a blind Gaussian denoiser's training noise;
+    sigma_min = sigma_max for one fixed level)."""
+    _check_sigma_range(sigma_min, sigma_max)
+    sigma = sigma_min + (sigma_max - sigma_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return NoiseParams(shot=torch.zeros(n, dtype=torch.float32), read=(sigma**2).to(torch.float32))
+
+
+SAMPLERS = {"uniform": sample_nlf_uniform, "brooks": sample_nlf_brooks, "gaussian": sample_gaussian}
 
 
 def sample_nlf(name: str, n: int, *, generator: torch.Generator | None = None, **options: float) -> NoiseParams:

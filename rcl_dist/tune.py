@@ -903,7 +903,9 @@ def write_report(result: SweepResult, space: SweepSpace, prefix: str | os.PathLi
         f"pre-training steps, search {space.search_alg['type']}, {space.concurrency} at a time",
         f"- objective: {m} of proxy denoising on {space.objective.get('val_images', 8)} whole images of the "
         f"manifest's '{space.objective.get('val_split', 'val')}' split (fresh last layer, "
-        f"{space.objective.get('steps', 150)} Adam steps on {space.objective.get('labels', 64)} labelled crops)",
+        + (f"{space.objective.get('steps', 150)} Adam steps" if space.objective.get("fit") == "adam"
+           else f"fit {space.objective.get('fit', 'lstsq+l1')}")
+        + f" on {space.objective.get('labels', 64)} labelled crops)",
     ]  # fmt: skip
     if "best_value" in s:
         lines.append(f"- best: trial {s['best_trial']}, {m} {s['best_value']:.3f} after {s['best_rounds']} rounds, "

@@ -53,12 +53,14 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert (cfg.train.batch_size, cfg.train.steps, cfg.train.seed) == (p.batch_size, p.pretrain_steps, c.seed)
             assert cfg.dist.workers == p.workers and cfg.dist.use_gpu == p.use_gpu
             assert cfg.model.raw == ("packed" if c.method == "RCL-EMD (RAW)" else None)
+            assert cfg.model.global_residual == p.global_residual and cfg.train.schedule == p.schedule
         elif c.kind == "finetune":
             source = "none" if c.source is None else "/nowhere/state.pt"
             spec = fid.finetune_spec(p, c, source, "m.parquet", experiment="e")
             assert isinstance(spec, FinetuneSpec)
             assert spec.crop == p.crop and spec.seed == c.seed and spec.labels == c.labels
             assert spec.workers == (p.workers if engine == "ray" else 1)
+            assert spec.fit == p.proxy_fit
             if source == "none":
                 assert Config.from_dict(spec.config).model.width == p.width
             assert c.evals, c.key
@@ -77,6 +79,14 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
     for n in (10, 100, 1000):
         assert fid.cell_key(fid.RCL_SL, first, "denoise", n) in keys and fid.cell_key(fid.SL_SCRATCH, first, "denoise", n) in keys
     assert fid.cell_key(fid.RCL_ZERO, first, "denoise", 0) in keys
+    for s in p.seeds:  # the Oracle with its own last layer beside its proxy
+        assert fid.cell_key(fid.ORACLE_OWN, s, "denoise", 0) in keys
+    gauss = next(c for c in plan if c.kind == "gaussian")  # the blind Gaussian Oracle, all CBSD68 images
+    assert gauss.all_images and gauss.source == fid.cell_key(fid.ORACLE_GAUSS, first, "pretrain", 0)
+    gsrc = next(c for c in plan if c.key == gauss.source)
+    gcfg = fid.pretrain_config(p, gsrc, "m.parquet")
+    assert gsrc.manifest == "gaussian" and gcfg.data.sampler == "gaussian" and gcfg.loss.method == "supervised"
+    assert gcfg.data.sigma_max == pytest.approx(p.gaussian_sigma_max / 255.0)
     if name != "smoke":
         assert len(p.seeds) >= 3
 
@@ -121,7 +131,7 @@ def test_rows_have_the_documented_keys_and_seed_statistics(tmp_path):
         _record("RCL-EMD", 1, "denoise", 8, 31.0),
         _record("RCL-EMD", 2, "denoise", 8, 32.0),
         _record("N2N", 0, "denoise", 8, 29.0),
-        _record("Oracle", 0, "gaussian", 8, 25.0, study="context", datasets=("CBSD68",), sigma=25.0),
+        _record(fid.ORACLE_GAUSS, 0, "gaussian", 0, 25.0, study="context", datasets=("CBSD68",), sigma=25.0),
         _record(fid.RCL_ZERO, 0, "denoise", 0, 22.0, study="label-efficiency"),
     ]
     rows = fid.rows_from_records(records)

@@ -103,8 +103,24 @@ def test_unet_global_residual_predicts_image() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), x + model.head(model.body(x)))
         torch.testing.assert_close(model.residual(x), x - model(x))
-    with pytest.raises(ValueError, match="global_residual"):
-        small_unet(global_residual=True, head="sr2")
+    # an SR head changes the size: no input skip there, the head predicts the image directly
+    sr = small_unet(global_residual=True, head="sr2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sr(x), sr.head(sr.body(x)))
+    assert sr.restore_affine(x, (1, 3, 32, 32)) == (1.0, None)
+    sign, offset = model.restore_affine(x, tuple(x.shape))
+    assert sign == 1.0 and offset is x
+
+
+def test_restore_is_affine_in_the_head_output() -> None:
+    """restore(x) = sign * head(body(x)) + offset for every model (what the probe's targets rest on)."""
+    x = torch.rand(2, 3, 16, 16)
+    for model in (small_unet(), small_unet(global_residual=True), small_dncnn(), small_dncnn(head="sr2")):
+        model.eval()
+        with torch.no_grad():
+            h = model.head(model.body(x))
+            sign, offset = model.restore_affine(x, tuple(h.shape))
+            torch.testing.assert_close(model.restore(x), sign * h + (0 if offset is None else offset))
 
 
 def test_dncnn_residual_is_f_and_restore_is_x_minus_f() -> None:  # App. D.3

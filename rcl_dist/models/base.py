@@ -80,6 +80,39 @@ class Restorer(nn.Module):
         feats = self.body(x)  # [B, C_in, H, W] -> [B, F, h, w]
         return self.head(feats)  # -> [B, C_out, h', w'] (h' = scale * h for SR / RAW->RGB heads)
 
+    def input_skip(self, x_shape: tuple[int, ...], head_shape: tuple[int, ...]) -> bool:
+        """Whether ``forward`` adds the input to the head's output (a global input skip).
+
+        Base: never. :class:`rcl_dist.models.UNet` with ``global_residual=True``: whenever the head's
+        output has the input's shape (never for SR or RAW -> RGB heads)."""
+        return False
+
+    def restore_affine(self, x: torch.Tensor, head_shape: tuple[int, ...]) -> tuple[float, torch.Tensor | None]:
+        """(sign, offset) with ``restore(x) = sign * head(body(x)) + offset`` for a head output of
+        shape ``head_shape`` (offset ``None``: 0).
+
+        * image-predicting, no input skip (the paper's U-Net, App. D.3 / Sec. 4): (1, None);
+        * image-predicting with the global input skip (U-Net ``global_residual``): (1, x);
+        * noise-predicting (DnCNN, App. D.3), output of the input's shape: (-1, x): x - f(x).
+
+        The restored image is affine in the head's output, so a head that is linear in its weights
+        (every head here) is fitted by least squares on the target ``sign * (y - offset)``
+        (:mod:`rcl_dist.train.probe`).
+        """
+        same = tuple(head_shape) == tuple(x.shape)
+        if self.predicts_noise and same:
+            return -1.0, x
+        if self.input_skip(tuple(x.shape), tuple(head_shape)):
+            return 1.0, x
+        return 1.0, None
+
+    def restores_from_input(self, head: nn.Module) -> bool:
+        """True when, with ``head`` installed, the restored image is the input plus (or minus) the
+        head's output, so that a zero head restores the input unchanged (the identity)."""
+        in_ch = getattr(self, "in_channels", None)
+        same = self.raw is None and getattr(head, "scale", 1) == 1 and getattr(head, "out_channels", None) == in_ch
+        return same and (self.predicts_noise or bool(getattr(self, "global_residual", False)))
+
     def restore(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
         """The restored image.
 

@@ -55,6 +55,7 @@ class DnCNN(Restorer):
         self.predicts_noise = True
         self.depth = depth
         self.width = width
+        self.in_channels = in_channels
         self.feature_channels = width
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),  # [B, C_in, H, W] -> [B, width, H, W]

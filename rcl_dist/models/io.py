@@ -47,7 +47,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("model", "config"):
         if key not in state:
             raise ValueError(f"{f}: not an rcl_dist checkpoint (no {key!r} entry)")
-    cfg = Config.from_dict(state["config"])
+    stored = state["config"]
+    if isinstance(stored, dict) and isinstance(stored.get("model"), dict) and "global_residual" not in stored["model"]:
+        # written before model.global_residual existed: those U-Nets predicted the image directly
+        stored = {**stored, "model": {**stored["model"], "global_residual": False}}
+    cfg = Config.from_dict(stored)
     model = build_model_from_config(cfg)
     head = state.get("head")
     if head:  # a fine-tuned last layer: rebuild it before loading the weights

@@ -97,9 +97,11 @@ class UNet(Restorer):
         head: kind of last layer, one of ``"rgb"`` (1x1 conv), ``"sr2"``, ``"raw2rgb"``.
         raw: ``None``, ``"mosaic"`` or ``"packed"`` (App. B.2); ``"packed"`` needs an upsampling head.
         up_mode: ``"bilinear"`` (upsample + 1x1 conv) or ``"transpose"`` (2x2 transposed conv).
-        global_residual: if True, f(x) = x + head(body(x)) (the network learns a correction); the
-            paper's default, False, predicts the image directly. f(x) is an image either way, so
-            the residual stays Eq. 2.
+        global_residual: if True, f(x) = x + head(body(x)) wherever the head's output has the input's
+            shape (RGB/grey denoising heads: the network learns a correction); SR and RAW -> RGB
+            heads still predict the image directly. False (the paper's U-Net, App. D.3) predicts
+            the image directly everywhere. f(x) is an image either way, so the residual stays Eq. 2
+            (= -head(body(x)) with the skip).
     """
 
     def __init__(
@@ -127,27 +129,21 @@ class UNet(Restorer):
             raise ValueError(f"raw='mosaic' features are at full resolution, so head must be 'rgb', got {head!r}")
         if raw == "packed" and head == "rgb":
             raise ValueError("raw='packed' features are at half resolution: use head='raw2rgb' to output full-res RGB")
-        if global_residual and (raw is not None or head != "rgb" or in_channels != out_channels):
-            raise ValueError(
-                "global_residual=True adds the input to the output, so it needs raw=None, head='rgb' "
-                f"and in_channels == out_channels (got raw={raw!r}, head={head!r}, {in_channels} -> {out_channels})"
-            )
         self.raw = raw
         self.predicts_noise = False
-        self.global_residual = global_residual
+        self.global_residual = bool(global_residual)
+        self.in_channels = in_channels
         self.width = width
         self.depth = depth
         self.feature_channels = width
         self.body = UNetBody(in_channels, width, depth, up_mode)
         self.head = self.new_head(head, out_channels)
 
+    def input_skip(self, x_shape: tuple[int, ...], head_shape: tuple[int, ...]) -> bool:
+        return self.global_residual and tuple(x_shape) == tuple(head_shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.head(self.body(x))  # [B, C_in, H, W] -> [B, width, H, W] -> [B, C_out, s*H, s*W]
-        if self.global_residual:
-            if y.shape != x.shape:
-                raise ValueError(
-                    f"global_residual=True needs the head output shape {tuple(y.shape)} to equal the input's "
-                    f"{tuple(x.shape)}; the current head changes it"
-                )
-            y = y + x
+        if self.input_skip(tuple(x.shape), tuple(y.shape)):
+            y = y + x  # global residual: f(x) = x + head(body(x))
         return y

@@ -72,6 +72,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rcl_dist.config import Config, ConfigError
+from rcl_dist.train.probe import PROBE_FITS, ProbeOptions, ProbeTrace, fit_head
+from rcl_dist.train.schedule import SCHEDULES, lr_factor
 
 __all__ = [
     "FinetuneSpec",
@@ -133,6 +135,15 @@ class FinetuneSpec:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     label_threads: int = 0  # DataLoader workers that read the label crops (0: in the training process)
+    # proxy mode: how the fresh last layer is fitted (rcl_dist.train.probe): "lstsq+l1" (closed-form
+    # ridge least squares, then IRLS towards L1 until the label L1 settles), "lstsq", or "adam"
+    # (`steps` Adam steps from the random init: the old procedure, for comparison only)
+    fit: str = "lstsq+l1"
+    ridge: float = 1e-6  # probe: lambda = ridge * mean(diag(X^T X))
+    probe_tol: float = 1e-4  # probe: relative L1 improvement over 3 IRLS iterations that counts as converged
+    probe_max_iters: int = 30  # probe: IRLS iteration cap
+    schedule: str = "constant"  # full mode (and fit "adam"): learning rate "constant" (Sec. 4) or "cosine" to 0
+    warmup: int = 0  # linear learning-rate warm-up steps (full mode)
     log_every: int = 10  # steps between metric reports
     tracking: bool = True  # False: no MLflow
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or the local store under $RCL_DIST_HOME
@@ -164,6 +175,15 @@ class FinetuneSpec:
         _choice("head", self.head, HEAD_CHOICES)
         _choice("split", self.split, ("train", "val", "test"))
         _choice("realisation", self.realisation, ("fresh", "fixed"))
+        _choice("fit", self.fit, PROBE_FITS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _int_at_least("probe_max_iters", self.probe_max_iters, 1)
+        _int_at_least("warmup", self.warmup, 0)
+        for name in ("ridge", "probe_tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+            setattr(self, name, float(v))
         _int_at_least("labels", self.labels, 1)
         _int_at_least("steps", self.steps, 1)
         _int_at_least("batch_size", self.batch_size, 1)
@@ -172,6 +192,8 @@ class FinetuneSpec:
         _int_at_least("workers", self.workers, 1)
         _int_at_least("label_threads", self.label_threads, 0)
         _int_at_least("log_every", self.log_every, 1)
+        if self.warmup >= self.steps:
+            raise ConfigError(f"warmup {self.warmup} must be smaller than steps {self.steps}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
         self.lr = float(self.lr)
@@ -342,6 +364,10 @@ def prepare_loaded_model(model: nn.Module, cfg: Config, spec: FinetuneSpec) -> t
     if fresh:
         with _seeded(derived_seed(spec.seed, "finetune-head")):
             model.replace_head(model.new_head(kind, out))
+        if model.restores_from_input(model.head):  # input skip: a zero head is the identity
+            with torch.no_grad():
+                for p in model.head.parameters():
+                    p.zero_()
     if spec.mode == "proxy":
         params = model.freeze_all_but_head()
     else:
@@ -502,7 +528,8 @@ def train_on_labels(
     reduce: bool = True,
     verbose: bool = True,
 ) -> dict[str, float]:
-    """``spec.steps`` Adam steps of L1(restore(input), target) on this rank's labels.
+    """Full mode: ``spec.steps`` Adam steps of L1(restore(input), target) on this rank's labels
+    (proxy mode fits its fresh last layer with :func:`fit_proxy` instead).
 
     ``model``: what the forward pass goes through (the DDP wrapper, or ``inner`` itself);
     ``inner``: the Restorer (for evaluation). ``on_report(step, metrics, final)`` runs on every rank
@@ -513,6 +540,8 @@ def train_on_labels(
     """
     from rcl_dist import dist as rdist
 
+    if spec.mode == "proxy":
+        raise ValueError("proxy mode fits the fresh last layer with fit_proxy (rcl_dist.train.probe), not with Adam steps")
     eval_batch = max(spec.per_worker_batch, 16)
     initial = label_l1(inner, labels, eval_batch, device, reduce)
     batches = _LabelBatches(len(labels), spec.per_worker_batch, spec.seed, rank)
@@ -522,6 +551,8 @@ def train_on_labels(
     metrics: dict[str, float] = {}
     for step in range(1, spec.steps + 1):
         t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = spec.lr * lr_factor(spec.schedule, step, spec.steps, spec.warmup)
         idx = batches.next().to(device)
         x, y = inputs[idx], targets[idx]
         loss = F.l1_loss(model.restore(x), y)
@@ -559,12 +590,57 @@ def train_on_labels(
     return metrics
 
 
+def probe_options(spec: FinetuneSpec) -> ProbeOptions:
+    """The probe settings of a proxy run (``fit="adam"`` uses the spec's steps, lr and batch)."""
+    return ProbeOptions(
+        fit=spec.fit, ridge=spec.ridge, tol=spec.probe_tol, max_iters=spec.probe_max_iters, steps=spec.steps,
+        lr=spec.lr, batch_size=spec.per_worker_batch, seed=spec.seed,
+    )  # fmt: skip
+
+
+def fit_proxy(
+    inner: nn.Module,
+    labels: LabelSet,
+    spec: FinetuneSpec,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    reduce: bool = True,
+    verbose: bool = True,
+) -> tuple[dict[str, float], ProbeTrace]:
+    """Proxy mode: fit the fresh last layer of ``inner`` on this rank's labels with
+    :func:`rcl_dist.train.probe.fit_head` (every rank's labels when ``reduce`` and distributed).
+
+    Returns (metrics: ``loss`` = ``label_l1``, ``label_l1_initial``, ``probe_*``, ``step``; the trace).
+    """
+    from rcl_dist import dist as rdist
+
+    red = rdist.all_reduce_sum if reduce and rdist.is_distributed() else None
+    trace = fit_head(inner, labels.input, labels.target, probe_options(spec), reduce=red, rank=rank, device=device)
+    metrics = {"loss": trace.label_l1, **trace.metrics(), "step": float(max(trace.iterations, 1))}
+    if rank == 0 and verbose:
+        lstsq = "" if trace.lstsq_l1 is None else f", closed form {trace.lstsq_l1:.5g}"
+        print(
+            f"[rcl-dist finetune] proxy fit {trace.fit} on {trace.labels} labels: label L1 {trace.label_l1_initial:.4g} "
+            f"(fresh) -> {trace.label_l1:.5g}{lstsq}; {trace.iterations} iterations, "
+            f"{'converged' if trace.converged else 'not converged'}, {trace.seconds:.1f} s "
+            f"(features {trace.feature_seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return metrics, trace
+
+
 def _make_optimizer(params: list[nn.Parameter], spec: FinetuneSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=spec.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
-def _checkpoint_extra(spec: FinetuneSpec, head: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+def _checkpoint_extra(
+    spec: FinetuneSpec, head: dict[str, Any], metrics: dict[str, float], trace: ProbeTrace | None = None
+) -> dict[str, Any]:
     return {
+        "fit": spec.fit if spec.mode == "proxy" else "full",
+        "probe": trace.to_dict() if trace is not None else None,
         "head": {"kind": head["kind"], "out_channels": int(head["out_channels"])},
         "task": spec.task,
         "mode": spec.mode,
@@ -596,11 +672,16 @@ def finetune_local(
     model, cfg, head, params = prepare_finetune_model(spec, map_location=device)
     model.to(device)
     labels = build_label_set(spec, model.raw, cfg.model.in_channels == 1)
-    opt = _make_optimizer(params, spec)
     history: list[dict[str, float]] = []
-    metrics = train_on_labels(model, model, opt, labels, spec, device, on_report=lambda s, m, f: history.append(dict(m)))
+    trace = None
+    if spec.mode == "proxy":
+        metrics, trace = fit_proxy(model, labels, spec, device)
+        history.append(dict(metrics))
+    else:
+        opt = _make_optimizer(params, spec)
+        metrics = train_on_labels(model, model, opt, labels, spec, device, on_report=lambda s, m, f: history.append(dict(m)))
     if spec.out:
-        save_checkpoint(spec.out, model, cfg, **_checkpoint_extra(spec, head, metrics))
+        save_checkpoint(spec.out, model, cfg, **_checkpoint_extra(spec, head, metrics, trace))
     return model, metrics, history
 
 
@@ -622,12 +703,6 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     inner, cfg, head, params = prepare_finetune_model(spec, map_location="cpu")
     inner.to(device)
     labels = build_label_set(spec, inner.raw, cfg.model.in_channels == 1, rank, world)
-    opt = _make_optimizer(params, spec)
-    model: nn.Module = inner
-    if world > 1:
-        # Only parameters with requires_grad join DDP's gradient buckets: in proxy mode, the head's.
-        # Every trainable parameter is used in every forward pass, so find_unused_parameters is not needed.
-        model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -635,16 +710,30 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
 
         tracker = RunTracker.start(loop_config["tracking_uri"], spec.experiment, None, None, run_id=loop_config["mlflow_run_id"])
 
-    def report(step: int, metrics: dict[str, float], final: bool) -> None:
+    def report(step: int, metrics: dict[str, float], final: bool, trace: ProbeTrace | None = None) -> None:
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if final and rank == 0:
-                save_checkpoint(tmp, inner, cfg, **_checkpoint_extra(spec, head, metrics))
+                save_checkpoint(tmp, inner, cfg, **_checkpoint_extra(spec, head, metrics, trace))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(dict(metrics), checkpoint=checkpoint)
 
+    if spec.mode == "proxy":
+        # the probe all-reduces its sums itself: every rank installs the same head, no DDP wrapper needed
+        metrics, trace = fit_proxy(inner, labels, spec, device, rank=rank)
+        if tracker is not None:
+            for i, l1 in enumerate(trace.history, start=1):
+                tracker.log_metrics({"probe_l1": l1}, step=i)
+        report(int(metrics["step"]), metrics, True, trace)
+        return
+
+    opt = _make_optimizer(params, spec)
+    model: nn.Module = inner
+    if world > 1:
+        # Every trainable parameter is used in every forward pass, so find_unused_parameters is not needed.
+        model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
     train_on_labels(model, inner, opt, labels, spec, device, rank=rank, on_report=report)
 
 

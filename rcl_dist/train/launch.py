@@ -146,7 +146,7 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
         raise ConfigError(f"data.source: {folder} is not a folder")
     out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler == "uniform" else None
+    options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler in ("uniform", "gaussian") else None
     index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options, log=log)
     return out
 

@@ -20,6 +20,7 @@ from rcl_dist.data.reference import PairSampler
 from rcl_dist.losses.consistency import ConsistencyLoss, RawConsistencyLoss, build_encoder
 from rcl_dist.losses.objectives import build_objective
 from rcl_dist.models import Restorer, build_model
+from rcl_dist.train.schedule import lr_factor
 
 __all__ = ["build_model_from_config", "build_objective_from_config", "load_images", "train_local", "History"]
 
@@ -30,7 +31,10 @@ def build_model_from_config(cfg: Config) -> Restorer:
         in_ch = {None: m.in_channels, "mosaic": 1, "packed": 4}[m.raw]
         out_ch = 3 if m.raw else m.in_channels
         head = "raw2rgb" if m.raw == "packed" else "rgb"
-        return build_model("unet", in_channels=in_ch, out_channels=out_ch, width=m.width, depth=m.depth, head=head, raw=m.raw)
+        return build_model(
+            "unet", in_channels=in_ch, out_channels=out_ch, width=m.width, depth=m.depth, head=head, raw=m.raw,
+            global_residual=m.global_residual,
+        )  # fmt: skip
     return build_model("dncnn", in_channels=m.in_channels, out_channels=m.in_channels, width=m.width, depth=m.depth)
 
 
@@ -133,7 +137,7 @@ def train_local(
         overlap=cfg.data.overlap,
         sampler=cfg.data.sampler,
         sampler_options={"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max}
-        if cfg.data.sampler == "uniform"
+        if cfg.data.sampler in ("uniform", "gaussian")
         else None,
         generator=gen,
     )
@@ -150,6 +154,8 @@ def train_local(
     start = time.perf_counter()
     for step in range(1, t.steps + 1):
         batch = sampler.sample(t.batch_size, kind)
+        for g in opt.param_groups:
+            g["lr"] = t.lr * lr_factor(t.schedule, step, t.steps, t.warmup)
         out = objective(model, batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -9,7 +9,6 @@ Phases: 1 set-up, 2 data, 3 model and objective, 4 resume, 5 the loop, 6 the end
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from rcl_dist import dist as rdist
 from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.io import CHECKPOINT_FILE
+from rcl_dist.train.schedule import lr_factor
 from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
 
 __all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
@@ -153,10 +153,6 @@ class NonFiniteGuard:
         return True
 
 
-def _lr_factor(schedule: str, step: int, total: int) -> float:
-    return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
 def worker_setup() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this Ray Train worker, with subnormal floats flushed to zero
     (see train/local.py: subnormals stall CPU convolutions). Pre-training and fine-tuning workers."""
@@ -168,7 +164,7 @@ def worker_setup() -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-VALIDATION_KEYS = ("val_psnr", "val_ssim", "val_l1", "val_seconds")
+VALIDATION_KEYS = ("val_psnr", "val_ssim", "val_l1", "val_probe_converged", "val_seconds")
 
 
 def _validate(validator, inner: nn.Module, device: torch.device) -> dict[str, float]:
@@ -275,7 +271,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         t_data = time.perf_counter() - t0
         _maybe_fault(rank, step + 1)
         for g in opt.param_groups:
-            g["lr"] = cfg.train.lr * _lr_factor(cfg.train.schedule, step, cfg.train.steps)
+            g["lr"] = cfg.train.lr * lr_factor(cfg.train.schedule, step + 1, cfg.train.steps, cfg.train.warmup)
         with autocast:
             if cfg.loss.method == "rcl":
                 extra = queue if use_queue else None

@@ -4,10 +4,11 @@ The pretext loss is not the objective: a low contrastive loss does not mean good
 sweep ranks is the paper's proxy evaluation (Sec. 4) on a *validation* split of the training data:
 
 1. copy the network being pre-trained (the copy never touches the training state);
-2. replace its last layer by a fresh denoising layer (initialised from ``seed`` alone, the same for
-   every trial), freeze everything else, and train the layer with L1 and Adam on ``labels`` labelled
-   crops of the manifest's ``label_split`` rows (:func:`rcl_dist.train.finetune.build_label_set`, the
-   fine-tuning issue's labels: seeded, the same crops for every trial with the same ``crop``);
+2. replace its last layer by a fresh denoising layer, freeze everything else, and fit the layer on
+   ``labels`` labelled crops of the manifest's ``label_split`` rows
+   (:func:`rcl_dist.train.finetune.build_label_set`: seeded, the same crops for every trial with the
+   same ``crop``) with the probe of :mod:`rcl_dist.train.probe` (``fit``: closed-form least squares,
+   then IRLS towards L1 until the label L1 settles; ``adam``: ``steps`` Adam steps, for comparison);
 3. restore the first ``val_images`` whole images of the manifest's ``val_split`` rows (sorted by path)
    from fixed noisy inputs (:func:`rcl_dist.evaluate.make_test_pair`, evaluation seed ``eval_seed``:
    the same inputs for every trial) and report mean PSNR / SSIM (:func:`rcl_dist.metrics.image_metrics`).
@@ -40,7 +41,8 @@ class ProxyObjective:
 
     manifest: str = ""  # the pre-training manifest (labels and validation images come from its rows)
     labels: int = 64  # labelled crops for the fresh last layer
-    steps: int = 150  # Adam steps of the fresh last layer
+    fit: str = "lstsq+l1"  # how the fresh last layer is fitted (rcl_dist.train.probe.PROBE_FITS)
+    steps: int = 150  # fit "adam" only: Adam steps of the fresh last layer
     batch_size: int = 16
     crop: int = 64  # side of the labelled crops (fixed for every trial, whatever crop it pre-trains on)
     lr: float = 1e-3  # Adam, Sec. 4
@@ -60,6 +62,10 @@ class ProxyObjective:
             raise ConfigError(f"objective.crop must be an integer >= 8, got {self.crop!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ConfigError(f"objective.lr must be a number > 0, got {self.lr!r}")
+        from rcl_dist.train.probe import PROBE_FITS
+
+        if self.fit not in PROBE_FITS:
+            raise ConfigError(f"objective.fit must be one of {list(PROBE_FITS)}, got {self.fit!r}")
         for name in ("label_split", "val_split"):
             if getattr(self, name) not in ("train", "val", "test"):
                 raise ConfigError(f"objective.{name} must be one of ['train', 'val', 'test'], got {getattr(self, name)!r}")
@@ -85,7 +91,8 @@ def validation_images(manifest: str | Path, split: str, limit: int) -> list[tupl
 
 
 class ProxyValidator:
-    """Call with the network being pre-trained: ``{"val_psnr", "val_ssim", "val_l1", "val_seconds"}``."""
+    """Call with the network being pre-trained: ``{"val_psnr", "val_ssim", "val_l1", "val_probe_converged",
+    "val_seconds"}`` (``val_l1``: the label L1 of the fitted head)."""
 
     def __init__(self, objective: ProxyObjective | dict[str, Any], cfg: Config) -> None:
         self.objective = objective if isinstance(objective, ProxyObjective) else ProxyObjective(**objective)
@@ -104,7 +111,7 @@ class ProxyValidator:
         return FinetuneSpec(
             source="none", config=self.cfg.to_dict(), task="denoise", mode="proxy", labels=o.labels, steps=o.steps,
             batch_size=o.batch_size, lr=o.lr, seed=o.seed, crop=o.crop, manifest=o.manifest, split=o.label_split,
-            tracking=False, log_every=o.steps,
+            tracking=False, log_every=o.steps, fit=o.fit,
         )  # fmt: skip
 
     def _load(self, gray: bool) -> None:
@@ -126,7 +133,7 @@ class ProxyValidator:
     def __call__(self, model: nn.Module) -> dict[str, float]:
         from rcl_dist.evaluate import tiled_restore
         from rcl_dist.metrics import image_metrics
-        from rcl_dist.train.finetune import _make_optimizer, prepare_loaded_model, train_on_labels
+        from rcl_dist.train.finetune import fit_proxy, prepare_loaded_model
 
         t0 = time.perf_counter()
         device = next(model.parameters()).device
@@ -135,10 +142,8 @@ class ProxyValidator:
             self._load(gray)
         spec = self._spec()
         net = copy.deepcopy(model).float()
-        _, params = prepare_loaded_model(net, self.cfg, spec)  # proxy: the fine-tuning issue's fresh last layer
-        opt = _make_optimizer(params, spec)
-        with torch.enable_grad():
-            last = train_on_labels(net, net, opt, self._labels, spec, device, reduce=False, verbose=False)
+        prepare_loaded_model(net, self.cfg, spec)  # proxy: the fine-tuning issue's fresh last layer
+        last, trace = fit_proxy(net, self._labels, spec, device, reduce=False, verbose=False)
         net.eval()
         psnr, ssim = [], []
         with torch.no_grad():
@@ -151,5 +156,6 @@ class ProxyValidator:
             "val_psnr": float(np.mean(psnr)),
             "val_ssim": float(np.mean(ssim)),
             "val_l1": float(last["label_l1"]),
+            "val_probe_converged": float(trace.converged),
             "val_seconds": time.perf_counter() - t0,
         }
