@@ -54,3 +54,30 @@ def test_bad_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+def test_scientific_notation_and_warmup():
+    cfg = load_config(None, ["train.lr=1e-3", "train.eps=2E-8", "loss.temperature=5e-2", "train.warmup=10"])
+    assert (cfg.train.lr, cfg.train.eps, cfg.loss.temperature, cfg.train.warmup) == (1e-3, 2e-8, 5e-2, 10)
+    with pytest.raises(ConfigError, match=r"train\.lr must be float"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train\.warmup 200 must be smaller than train\.steps 200"):
+        load_config(None, ["train.warmup=200", "train.steps=200"])
+
+
+def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
+    """model.global_residual (default on) did not exist before: such checkpoints predicted the image directly."""
+    import torch
+
+    from rcl_dist.models.io import load_checkpoint, save_checkpoint
+    from rcl_dist.train.local import build_model_from_config
+
+    cfg = load_config(None, ["model.width=4", "model.depth=1", "model.global_residual=false"])
+    model = build_model_from_config(cfg)
+    path = save_checkpoint(tmp_path / "old.pt", model, cfg)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["model"]["global_residual"]  # as an older version wrote it
+    torch.save(state, path)
+    loaded, lcfg, _ = load_checkpoint(path)
+    assert lcfg.model.global_residual is False and loaded.global_residual is False
+    assert load_config().model.global_residual is True

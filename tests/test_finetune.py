@@ -108,6 +108,12 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"source": "none"}, "config"),
         ({"manifest": ""}, "manifest"),
         ({"split": "all"}, "split"),
+        ({"fit": "sgd"}, "fit must be one of"),
+        ({"ridge": 0.0}, "ridge"),
+        ({"probe_tol": float("nan")}, "probe_tol"),
+        ({"probe_max_iters": 0}, "probe_max_iters"),
+        ({"schedule": "step"}, "schedule"),
+        ({"warmup": 5, "steps": 5}, "warmup 5 must be smaller than steps 5"),
     ],
 )
 def test_spec_errors_name_the_field(kw, field):
@@ -244,6 +250,17 @@ def test_proxy_changes_only_the_head_full_changes_the_body(data, ckpts, tmp_path
     full, _, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"], mode="full"))
     changed = [k for k, v in _body(full).items() if v.dtype.is_floating_point and not torch.equal(v, body0[k])]
     assert len(changed) > len(body0) // 2
+
+
+@pytest.mark.parametrize("fit", ["lstsq", "adam"])
+def test_proxy_fits_by_name(data, ckpts, fit):
+    """The other fits: the closed form alone (converged, no iterations) and the old Adam steps."""
+    _, metrics, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"], fit=fit))
+    if fit == "lstsq":
+        assert metrics["probe_iterations"] == 0 and metrics["probe_converged"] == 1.0
+        assert metrics["label_l1"] == metrics["probe_lstsq_l1"] < metrics["label_l1_initial"]
+    else:
+        assert "probe_lstsq_l1" not in metrics and metrics["probe_iterations"] == 3  # the spec's steps
 
 
 def test_training_reduces_the_l1_loss_on_the_labels(data):

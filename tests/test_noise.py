@@ -130,3 +130,16 @@ def test_bilinear_demosaic_keeps_samples_and_reproduces_linear_images(rng):
     assert torch.allclose(got[..., 1:-1, 1:-1], ramp[..., 1:-1, 1:-1], atol=1e-6)
     const = torch.full((1, 3, 6, 6), 0.7)
     assert torch.allclose(demosaic_bilinear(mosaic(const)), const)  # borders too
+
+
+def test_gaussian_sampler_is_eq8_with_no_shot_noise(rng):
+    p = sample_nlf("gaussian", 20000, sigma_min=0.0, sigma_max=55 / 255, generator=rng)
+    assert torch.all(p.shot == 0)
+    sigma = p.read.sqrt()
+    assert float(sigma.min()) >= 0 and float(sigma.max()) <= 55 / 255 + 1e-6
+    assert float(sigma.mean()) == pytest.approx(27.5 / 255, rel=0.02)  # uniform in sigma
+    fixed = sample_nlf("gaussian", 3, sigma_min=25 / 255, sigma_max=25 / 255, generator=rng)
+    torch.testing.assert_close(fixed.read, torch.full((3,), (25 / 255) ** 2))
+    x = torch.rand(2, 3, 64, 64, generator=rng)
+    noisy = add_nlf_noise(x, NoiseParams(fixed.shot[:2], fixed.read[:2]), generator=rng)
+    assert float((noisy - x).std()) == pytest.approx(25 / 255, rel=0.03)  # the same sigma at every intensity
