@@ -64,22 +64,19 @@ in the md and the exit status is 1; rerun to retry them.
 Presets (the budget is the same for every method within a preset):
 
 * ``smoke``: U-Net width 8 depth 2, 32^2 crops, batch 8, 4 pre-training / 4 fine-tuning steps, 1 seed,
-  2 test images per set: the whole matrix (55 cells) end to end in 5 minutes on this 2-core machine
-  (8 pre-trainings ~19 s each, almost all Ray start-up; 44 fine-tunings ~3 s each). Its numbers are
+  2 test images per set: the whole matrix (57 cells) end to end in 5 minutes on this 2-core machine
+  (9 pre-trainings ~19 s each, almost all Ray start-up; 44 fine-tunings ~3 s each). Its numbers are
   meaningless.
-* ``cpu``: U-Net width 16 depth 3, 64^2 crops, batch 16, 1000 pre-training steps, 300 proxy steps on
-  200 labels, 600 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed 0),
-  12 test images per set, 2 Ray workers, fine-tuning in this process (``finetune_local``: a proxy run
-  trains one layer, and a Ray Train run costs ~20 s to start). Run in full on 2026-11-28: 75 cells,
-  0 failed, **108 minutes** on this 2-core machine with other jobs sharing the cores for ~65 of them
-  (``benchmarks/results/fidelity_cpu.md``); the estimate before the run was about 75 minutes alone,
-  from cells of this preset timed here (other jobs were sharing the 2 cores, load average 3-6): pre-training (1000 steps, incl. ~20 s Ray start-up)
-  RCL-EMD 236 s, RCL-MMD 274 s, N2N 147 s, RAW RCL-EMD 84 s; proxy fine-tuning + evaluation of 3 sets
-  25 s; a task Oracle (SR, 1000 full steps on 2000 labels) 31 s; a label-efficiency run (600 full steps,
-  1000 labels) 55 s. So: 16 pre-trainings ~48 min (6 with the EfficientNet-Lite0 consistency term at
-  ~240-275 s, 9 N2N/N2S/Oracle at ~150 s, RAW RCL-EMD ~85 s), 44 proxy cells ~18 min, 4 task Oracles + 6
-  label-efficiency runs ~7 min, the rest (zero-label, Gaussian context, Fig. 2) < 1 min. At this budget
-  the proxy heads have not converged (RCL-EMD's label L1 0.285 -> 0.048 after 300 steps, still falling).
+* ``cpu``: U-Net width 16 depth 3 with the input skip (``global_residual``), 64^2 crops, batch 16,
+  lr 2e-3 with cosine decay and 50 warm-up steps (the best of five recipes,
+  ``benchmarks/results/recipe_cpu.md``), 1000 pre-training steps, proxy heads solved on 200 labels
+  (``lstsq+l1``), 1000 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed
+  0), 12 test images per set, 2 Ray workers, fine-tuning in this process (``finetune_local``: a
+  Ray Train run costs ~20 s to start). Timed here on 2026-12-02 (the 17 cells that do not depend on
+  the contrastive objective, 39 min, ``benchmarks/results/fidelity_cpu.md``): a supervised
+  pre-training 317 s (incl. Ray start-up), a proxy cell (features, solve, IRLS, 3 test sets) ~25 s
+  of which the fit ~9 s, a label-efficiency run (1000 full steps) ~100 s. The whole matrix (77 cells:
+  17 pre-trainings, 54 fine-tunings of which 44 proxies, 6 others) is estimated at ~2 h alone here.
 * ``gpu``: the paper's settings: U-Net width 32 depth 4, 128^2 crops, batch 64, ``dist.use_gpu``,
   20000 pre-training steps, 5 seeds (denoising rows), 3 seeds for label efficiency, every test image.
   Not timed here.
@@ -745,7 +742,8 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
                              f"{100 * st.get('frac_positive', float('nan')):.0f} % > 0 over {st.get('n')} (anchor, negative) pairs")  # fmt: skip
         out.append(f"{fig2_images_note(preset)} " + "; ".join(parts) + ".\n")
     out.append("## All rows\n")
-    out.append(markdown_table(rows, list(ROW_KEYS) + ["study", "sigma", "n_images", "psnr_input_mean", "seed_list"]) if rows else "(none)\n")
+    out.append(markdown_table(rows, list(ROW_KEYS) + ["study", "sigma", "n_images", "psnr_input_mean", "seed_list", "head",
+                                    "global_residual"]) if rows else "(none)\n")
     return "\n".join(out)
 
 
@@ -1221,13 +1219,15 @@ class Harness:
                 self.polyu_split_dirs()
             except OSError:
                 pass
-        md = markdown_report(rows, preset=self.preset, header=self.header(wall), fig2=fig.name if fig.is_file() else None,
+        # a figure left by an earlier run belongs to that run's RCL network, not to this plan's
+        has_fig2 = fig.is_file() and any(r["kind"] == "fig2" for r in records)
+        md = markdown_report(rows, preset=self.preset, header=self.header(wall), fig2=fig.name if has_fig2 else None,
                              failures=self.failures, timing=self.timing(records), polyu_split=self._polyu,
                              fig2_stats=next((r.get("fig2") for r in records if r["kind"] == "fig2"), None),
                              probe_stats=probe_summary(records))  # fmt: skip
         paths["md"] = self.out.with_name(self.out.name + ".md")
         paths["md"].write_text(md)
-        if fig.is_file():
+        if has_fig2:
             paths["fig2"] = fig
         self._log_summary(paths)
         return paths

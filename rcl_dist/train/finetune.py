@@ -724,8 +724,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         # the probe all-reduces its sums itself: every rank installs the same head, no DDP wrapper needed
         metrics, trace = fit_proxy(inner, labels, spec, device, rank=rank)
         if tracker is not None:
+            every = 10 if trace.fit == "adam" else 1  # adam: the minibatch L1 every 10 steps; IRLS: each iteration
             for i, l1 in enumerate(trace.history, start=1):
-                tracker.log_metrics({"probe_l1": l1}, step=i)
+                tracker.log_metrics({"probe_l1": l1}, step=min(i * every, max(trace.iterations, 1)))
         report(int(metrics["step"]), metrics, True, trace)
         return
 
