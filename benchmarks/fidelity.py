@@ -72,11 +72,14 @@ Presets (the budget is the same for every method within a preset):
   ``benchmarks/results/recipe_cpu.md``), 1000 pre-training steps, proxy heads solved on 200 labels
   (``lstsq+l1``), 1000 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed
   0), 12 test images per set, 2 Ray workers, fine-tuning in this process (``finetune_local``: a
-  Ray Train run costs ~20 s to start). Timed here on 2026-12-02 (the 17 cells that do not depend on
-  the contrastive objective, 39 min, ``benchmarks/results/fidelity_cpu.md``): a supervised
-  pre-training 317 s (incl. Ray start-up), a proxy cell (features, solve, IRLS, 3 test sets) ~25 s
-  of which the fit ~9 s, a label-efficiency run (1000 full steps) ~100 s. The whole matrix (77 cells:
-  17 pre-trainings, 54 fine-tunings of which 44 proxies, 6 others) is estimated at ~2 h alone here.
+  Ray Train run costs ~20 s to start). Timed here (the 17 cells that do not depend on the
+  contrastive objective, 39 min on 2026-12-02, ``benchmarks/results/fidelity_cpu.md``; RCL-EMD and
+  N2N seed 0 alone on 2026-12-03): a pre-training with the EfficientNet-Lite0 consistency term
+  (RCL-*, Consistency) 480 s (33 samples/s on the 2 workers), N2N 176 s, a supervised Oracle
+  ~270-320 s; a proxy cell (features, solve, IRLS, 3 test sets) ~21 s, of which the fit ~2 s; a
+  label-efficiency run (1000 full steps) ~100 s. The whole matrix (77 cells: 17 pre-trainings, 54
+  fine-tunings of which 44 proxies, 6 others) is estimated at ~2 h alone here, ~75 % of it
+  pre-training: over the 90 minutes the preset aims for, a matter of step throughput.
 * ``gpu``: the paper's settings: U-Net width 32 depth 4, 128^2 crops, batch 64, ``dist.use_gpu``,
   20000 pre-training steps, 5 seeds (denoising rows), 3 seeds for label efficiency, every test image.
   Not timed here.
