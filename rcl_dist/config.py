@@ -58,7 +58,8 @@ class ModelConfig:
 class LossConfig:
     method: str = "rcl"  # "rcl" (Eq. 6), "consistency" (Eq. 5 only), "n2n", "n2s", "supervised" (Oracle)
     distance: str = "emd"  # d of Eq. 3: "emd" (Eq. 4), "bd" (Eq. 9), "mmd" (Eq. 10)
-    temperature: float = 0.1  # tau of Eq. 3, on the residual's [0, 1] value scale
+    temperature: float = 0.1  # tau of Eq. 3, on the residual's [0, 1] value scale ("fixed") or dimensionless ("median")
+    temperature_scale: str = "fixed"  # "fixed" (the paper: logits -d/tau) or "median" (-d/(tau * median negative d))
     alpha: float = 1e-3  # weight of the contrastive term (Eq. 6), the paper's 1e-3
     reduction: str = "sum"  # over the N+1 anchors: "sum" (Algorithm 1) or "mean"
     quantiles: int | None = 256  # EMD / MMD sketch size (None: exact EMD on all sorted values)
@@ -68,11 +69,13 @@ class LossConfig:
     encoder_stage: int | None = None  # phi: the encoder stage whose features are compared (None: default)
     consistency_normalize: bool = False  # Eq. 5 divided by the target features' mean square (scale-free)
     n2s_grid: int = 4  # Noise2Self masking grid
+    diagnostics: bool = True  # RCL with Eq. 5: gradient norms of both terms at every log step (one extra forward)
 
     def validate(self) -> None:
         _choice("loss.method", self.method, ("rcl", "consistency", "n2n", "n2s", "supervised"))
         _choice("loss.distance", self.distance, ("emd", "bd", "mmd"))
         _choice("loss.reduction", self.reduction, ("sum", "mean"))
+        _choice("loss.temperature_scale", self.temperature_scale, ("fixed", "median"))
         _choice("loss.channels", self.channels, ("separate", "pooled"))
         _choice("loss.encoder", self.encoder, ("efficientnet_lite0", "resnet50", None))
         if not self.temperature > 0:

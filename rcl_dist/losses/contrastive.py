@@ -10,6 +10,14 @@ value distributions (:mod:`rcl_dist.losses.distances`),
 the sum running over every key (own positive included, as in InfoNCE, Eq. 1). Line 8 sums L_j over
 the batch: ``reduction="sum"`` is the paper's; ``"mean"`` divides by N+1, which keeps the scale of
 the loss (and so the meaning of alpha in Eq. 6) independent of the batch size.
+
+Temperature on the distances' own scale (``temperature_scale="median"``, not in the paper): the
+logits become -d / (tau * m), m the median distance of this batch's negative pairs (detached, so it
+is a scale, not a target). The paper's tau = 0.1 is on the residual's [0, 1] value scale, where
+distances between residual distributions are ~1e-3 to 1e-2 (EMD of NLF noise, sigma <= 20/255): at
+that tau every logit is ~0 and Eq. 3 is flat near its uniform-guess value. With the median scale tau
+is dimensionless (the negatives' logits are ~ -1/tau) and does not depend on the noise level or the
+distance. Each worker takes the median over its own queries' rows (its keys include every worker's).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from rcl_dist.losses.distances import get_distance
 __all__ = ["ResidualContrastiveLoss", "pair_distance_stats"]
 
 _REDUCTIONS = ("sum", "mean")
+TEMPERATURE_SCALES = ("fixed", "median")
+_MIN_SCALE = 1e-8  # floor of the median scale: residuals that are exactly equal give 0
 
 
 class ResidualContrastiveLoss(nn.Module):
@@ -33,19 +43,36 @@ class ResidualContrastiveLoss(nn.Module):
         temperature: tau > 0. Distances live on the residual's value scale (images in [0, 1]), so
             tau is on that scale too.
         reduction: "sum" (Algorithm 1, line 8) or "mean".
+        temperature_scale: "fixed" (the paper: logits -d/tau) or "median" (-d/(tau m), m the median
+            negative distance of the batch, detached; see the module docstring).
         **distance_options: passed to :func:`~rcl_dist.losses.distances.get_distance`
             (e.g. ``quantiles=256``, ``channels="separate"``).
     """
 
-    def __init__(self, distance: str = "emd", temperature: float = 0.1, reduction: str = "sum", **distance_options):
+    def __init__(
+        self, distance: str = "emd", temperature: float = 0.1, reduction: str = "sum",
+        temperature_scale: str = "fixed", **distance_options,
+    ):  # fmt: skip
         super().__init__()
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if temperature_scale not in TEMPERATURE_SCALES:
+            raise ValueError(f"temperature_scale must be one of {TEMPERATURE_SCALES}, got {temperature_scale!r}")
         self.distance = get_distance(distance, **distance_options)
         self.temperature = float(temperature)
         self.reduction = reduction
+        self.temperature_scale = temperature_scale
+
+    def effective_temperature(self, dist: torch.Tensor, positive_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The divisor of the logits for this [B_q, K] distance matrix (a detached scalar tensor)."""
+        if self.temperature_scale == "fixed":
+            return torch.tensor(self.temperature, dtype=dist.dtype, device=dist.device)
+        neg = torch.ones_like(dist, dtype=torch.bool)
+        neg[torch.arange(dist.shape[0], device=dist.device), _positive_index(dist, positive_index)] = False
+        scale = dist.detach()[neg].median().clamp(min=_MIN_SCALE)
+        return self.temperature * scale
 
     def sketch(self, residual: torch.Tensor) -> torch.Tensor:
         return self.distance.sketch(residual)
@@ -75,7 +102,7 @@ class ResidualContrastiveLoss(nn.Module):
         if dist.shape[1] < 2:
             raise ValueError("the contrastive loss needs at least one negative (N+1 >= 2 images, or extra negatives)")
         positive_index = _positive_index(dist, positive_index)
-        logits = -dist / self.temperature  # [B_q, K]; positive logit at positive_index
+        logits = -dist / self.effective_temperature(dist, positive_index)  # [B_q, K]; positive at positive_index
         return F.cross_entropy(logits, positive_index, reduction=self.reduction)
 
     def forward(

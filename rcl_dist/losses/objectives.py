@@ -21,6 +21,7 @@ from rcl_dist.losses.baselines import (
     SupervisedObjective,
 )
 from rcl_dist.losses.contrastive import ResidualContrastiveLoss, pair_distance_stats
+from rcl_dist.losses.diagnostics import gradient_norms, logit_stats
 
 __all__ = ["RCLObjective", "build_objective", "METHODS", "KeyGather"]
 
@@ -74,6 +75,8 @@ class RCLObjective(nn.Module):
         dist = self.contrastive.distance_matrix(s_q, keys, extra_negatives)  # [B, K]
         l_contrast = self.contrastive.info_nce(dist, pos)
         result = {"contrast": l_contrast.detach(), "sketch_k": s_k.detach()}
+        tau = self.contrastive.effective_temperature(dist.detach(), pos)
+        result.update({k_: torch.tensor(v) for k_, v in logit_stats(dist.detach(), tau, pos, self.contrastive.reduction).items()})
         scale = world_size if self.contrastive.reduction == "sum" else 1
         loss = self.alpha * scale * l_contrast
         if self.consistency is not None:
@@ -85,6 +88,30 @@ class RCLObjective(nn.Module):
         return result
 
 
+    def gradient_diagnostics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``grad_contrast`` = alpha ||grad L_contrast||, ``grad_consistency`` = ||grad L_consistency||
+        on the body's parameters, and ``grad_ratio`` = their quotient, on ``batch``.
+
+        One extra forward of ``model`` (unwrapped from DDP: no gradient synchronisation, nothing
+        accumulated into ``.grad``), with this batch's own keys as the only negatives, so on a worker
+        of a distributed run it is that worker's term. Eq. 6 sums the two gradients: a ratio of 1e-4
+        means the contrastive term moves no weights.
+        """
+        inner = getattr(model, "module", model)
+        q, k = batch["q"], batch["k"]
+        b = q.shape[0]
+        x = torch.cat([q, k])
+        out = inner(x)
+        sketches = self.contrastive.sketch(inner.residual(x, out))
+        terms = {"grad_contrast": self.alpha * self.contrastive.from_sketches(sketches[:b], sketches[b:])}
+        if self.consistency is not None:
+            terms["grad_consistency"] = self.consistency(x, inner.restore(x, out))
+        norms = gradient_norms(terms, inner.body.parameters())
+        if "grad_consistency" in norms:
+            norms["grad_ratio"] = norms["grad_contrast"] / max(norms["grad_consistency"], 1e-30)
+        return norms
+
+
 METHODS = ("rcl", "consistency", "n2n", "n2s", "supervised")
 
 
@@ -94,6 +121,7 @@ def build_objective(
     distance: str = "emd",
     temperature: float = 0.1,
     reduction: str = "sum",
+    temperature_scale: str = "fixed",
     alpha: float = 1e-3,
     distance_options: dict | None = None,
     consistency: nn.Module | None = None,
@@ -102,7 +130,7 @@ def build_objective(
 ) -> nn.Module:
     """The objective of ``method`` in ``METHODS``; ``consistency`` is the Eq. 5 / Eq. 11 module."""
     if method == "rcl":
-        contrastive = ResidualContrastiveLoss(distance, temperature, reduction, **(distance_options or {}))
+        contrastive = ResidualContrastiveLoss(distance, temperature, reduction, temperature_scale, **(distance_options or {}))
         return RCLObjective(contrastive, consistency, alpha)
     if method == "consistency":
         if consistency is None:

@@ -60,12 +60,22 @@ def build_objective_from_config(cfg: Config, consistency: nn.Module | None, gene
         distance=lc.distance,
         temperature=lc.temperature,
         reduction=lc.reduction,
+        temperature_scale=lc.temperature_scale,
         alpha=lc.alpha,
         distance_options=_distance_options(cfg),
         consistency=consistency,
         n2s_grid=lc.n2s_grid,
         generator=generator,
     )
+
+
+def gradient_diagnostics(cfg: Config, objective: nn.Module, model: nn.Module, batch: dict) -> dict[str, float]:
+    """The RCL objective's gradient norms (:meth:`RCLObjective.gradient_diagnostics`) when
+    ``loss.diagnostics`` is on and the method is RCL; otherwise nothing. Every trainer calls this at
+    its log steps, so the figures sit beside the loss in every record."""
+    if not (cfg.loss.diagnostics and cfg.loss.method == "rcl" and hasattr(objective, "gradient_diagnostics")):
+        return {}
+    return objective.gradient_diagnostics(model, batch)
 
 
 def _distance_options(cfg: Config) -> dict:
@@ -164,6 +174,7 @@ def train_local(
         opt.step()
         if step % t.log_every == 0 or step == 1 or step == t.steps:
             values = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
+            values.update(gradient_diagnostics(cfg, objective, model, batch))
             history.add(step, values)
             if log is not None:
                 log(f"step {step:5d}  " + "  ".join(f"{k} {v:.5g}" for k, v in values.items()))

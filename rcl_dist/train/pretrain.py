@@ -25,7 +25,12 @@ from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.io import CHECKPOINT_FILE
 from rcl_dist.train.schedule import lr_factor
-from rcl_dist.train.local import build_consistency_from_config, build_model_from_config, build_objective_from_config
+from rcl_dist.train.local import (
+    build_consistency_from_config,
+    build_model_from_config,
+    build_objective_from_config,
+    gradient_diagnostics,
+)
 
 __all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
@@ -298,6 +303,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.dist.checkpoint_every == 0:
             values = {k: float(v.detach().float()) for k, v in out.items() if v.dim() == 0}
+            with autocast:  # every rank: the dicts all_reduce_mean averages must have the same keys
+                values.update(gradient_diagnostics(cfg, objective, inner, batch))
             metrics = rdist.all_reduce_mean(values, device=device)
             metrics.update(
                 samples_per_s=global_batch * n_window / t_window,
