@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         nets[f"checkpoint {Path(args.checkpoint).name}"] = load_checkpoint(args.checkpoint)[0]
     emd = get_distance("emd", quantiles=256)
-    net_rows = []
+    net_rows = [{"network": "identity f(x) = x (n_hat = 0), for reference", **residual_noise_distance(torch.zeros_like(b["n_q"]), b["n_q"], emd)}]
     batch = {"q": b["q"], "k": b["k"]}
     for name, model in nets.items():
         model.eval()
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
               "| network | EMD(n_hat, n) | RMSE(n_hat - n) | fixed 0.1: alpha‖∇Lc‖ / ‖∇Lcons‖ = ratio | median 0.1: alpha‖∇Lc‖ / ‖∇Lcons‖ = ratio |",
               "|---|---|---|---|---|"]  # fmt: skip
     for r in net_rows:
-        cells = [f"{r[k]['grad_contrast']:.3g} / {r[k]['grad_consistency']:.3g} = {r[k]['grad_ratio']:.3g}" for k in ("fixed 0.1", "median 0.1")]
+        cells = [f"{r[k]['grad_contrast']:.3g} / {r[k]['grad_consistency']:.3g} = {r[k]['grad_ratio']:.3g}" if k in r else "–"
+                 for k in ("fixed 0.1", "median 0.1")]  # fmt: skip
         lines.append(f"| {r['network']} | {r['noise_distance']:.4g} | {r['noise_rmse']:.4g} | " + " | ".join(cells) + " |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(record, indent=1))

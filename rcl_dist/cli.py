@@ -146,8 +146,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(cfg, save: Path | None) -> None:
-    import torch
-
     from rcl_dist.train.local import train_local
 
     print(
@@ -162,13 +160,18 @@ def _pretrain(cfg, save: Path | None) -> None:
         print(
             f"done in {history.seconds:.1f} s: contrastive loss {m['contrast'][0]:.4g} -> {m['contrast'][-1]:.4g}, "
             f"EMD gap (negative - positive) {m['dist_gap'][0]:.4g} -> {m['dist_gap'][-1]:.4g}"
+            + (f" (uniform guess {m['contrast_uniform'][-1]:.4g})" if "contrast_uniform" in m else "")
         )
+        if "grad_ratio" in m:
+            print(f"alpha * |grad L_contrast| / |grad L_consistency| on the body: {m['grad_ratio'][0]:.3g} -> {m['grad_ratio'][-1]:.3g}")
     else:
         print(f"done in {history.seconds:.1f} s: loss {m['loss'][0]:.4g} -> {m['loss'][-1]:.4g}")
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "config": cfg.to_dict()}, save)
-        print(f"weights written to {save}")
+        from rcl_dist.models.io import save_checkpoint
+
+        # the one checkpoint format: `finetune --from`, `evaluate --model` and `denoise --model` read it
+        written = save_checkpoint(save, model, cfg)
+        print(f"weights written to {written}")
 
 
 def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:

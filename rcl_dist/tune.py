@@ -424,6 +424,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.train.v2.api.config import LoggingConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from rcl_dist.train.launch import simulated_dir_for
     from rcl_dist.train.pretrain import train_func_per_worker
 
     space = SweepSpace(**{**ctx["space"], "params": [Param(**p) for p in ctx["space"]["params"]]})
@@ -453,7 +454,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         train_loop_config={
             "config": cfg.to_dict(),
             "manifest": ctx["manifest"],
-            "simulated_dir": str(Path(ctx["manifest"]).with_suffix("")) + "_simulated",
+            "simulated_dir": simulated_dir_for(cfg, ctx["manifest"]),  # honours data.simulated_dir, as pretrain does
             "mlflow_run_id": tracker.run_id if tracker else None,
             "tracking_uri": ctx["tracking_uri"],
             "validation": {"objective": objective, "every": space.steps_per_round,

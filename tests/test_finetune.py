@@ -324,3 +324,20 @@ def test_two_ray_workers_finetune_writes_a_loadable_checkpoint_and_tracks_in_mlf
     assert len(client.get_metric_history(run.info.run_id, "probe_l1")) == len(state["probe"]["history"])
     assert run.data.metrics["label_l1"] == pytest.approx(result.metrics["label_l1"])
     assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_cli_local_pretrain_save_is_a_checkpoint_finetune_accepts(data, tmp_path, capsys):
+    """`rcl-dist pretrain --local --save x.pt` writes the one checkpoint format (it wrote a bare
+    state_dict that `finetune --from x.pt` rejected), and prints the RCL diagnostics it recorded."""
+    from rcl_dist.cli import main
+
+    out = tmp_path / "x.pt"
+    argv = ["pretrain", "--local", "--save", str(out), "model.width=8", "model.depth=2", "data.crop=32", "data.tile=64",
+            "train.batch_size=4", "train.steps=2", "train.log_every=1"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "uniform guess" in printed and "grad L_contrast" in printed
+    saved, _, _ = load_checkpoint(out)
+    model, _, _ = finetune_local(_spec(str(out), data["rgb"]))
+    before, after = _body(saved), _body(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # the proxy kept that body

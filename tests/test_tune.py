@@ -339,3 +339,20 @@ def test_gpu_request_without_gpus_fails_before_anything_is_created(tmp_path, loc
     with pytest.raises(ConfigError, match="resources.use_gpu asks for 1 GPU"):
         run_sweep(space, storage=tmp_path / "sweeps", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert not (tmp_path / "sweeps" / "tiny").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_pretraining_and_sweep_trials_take_the_realisations_folder_from_one_place(tmp_path, monkeypatch):
+    """The sweep hard-coded `<manifest>_simulated` and so ignored data.simulated_dir; both launchers
+    now ask `simulated_dir_for`."""
+    import inspect
+
+    import rcl_dist.tune as tune_mod
+    from rcl_dist.config import load_config
+    from rcl_dist.train.launch import simulated_dir_for
+
+    manifest = tmp_path / "m.parquet"
+    assert simulated_dir_for(load_config(None, []), manifest) == str(tmp_path / "m") + "_simulated"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    got = simulated_dir_for(load_config(None, ["data.simulated_dir=~/real"]), manifest)
+    assert got == str((tmp_path / "real").resolve())
+    assert '"_simulated"' not in inspect.getsource(tune_mod._trial)

@@ -162,6 +162,15 @@ class PretrainResult:
     seconds: float
 
 
+def simulated_dir_for(cfg: Config, manifest: str | Path) -> str:
+    """Where a run's stored noisy realisations live (``data.realisation=fixed``): ``data.simulated_dir``
+    when set, else ``<manifest stem>_simulated`` beside the manifest (what ``rcl-dist data simulate``
+    writes by default). Every launcher of pre-training workers asks this one function."""
+    if cfg.data.simulated_dir:
+        return str(Path(cfg.data.simulated_dir).expanduser().resolve())
+    return str(Path(manifest).with_suffix("")) + "_simulated"
+
+
 def run_pretrain(
     cfg: Config,
     *,
@@ -214,9 +223,7 @@ def run_pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
 
-    simulated = str(Path(cfg.data.simulated_dir).expanduser().resolve()) if cfg.data.simulated_dir else (
-        str(manifest.with_suffix("")) + "_simulated"
-    )
+    simulated = simulated_dir_for(cfg, manifest)
     trainer = TorchTrainer(
         train_func_per_worker,
         train_loop_config={
