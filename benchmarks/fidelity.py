@@ -67,7 +67,10 @@ Presets (the budget is the same for every method within a preset):
   2 test images per set: the whole matrix (57 cells) end to end in 5 minutes on this 2-core machine
   (9 pre-trainings ~19 s each, almost all Ray start-up; 44 fine-tunings ~3 s each). Its numbers are
   meaningless.
-* ``cpu``: U-Net width 16 depth 3 with the input skip (``global_residual``), 64^2 crops, batch 16,
+* ``cpu``: U-Net width 16 depth 3 (``model.global_residual`` by the product's auto rule: the input
+  skip for supervised / N2N / N2S, direct prediction for RCL / consistency and for the networks from
+  random initialisation, whose base config is RCL's; the rows committed on 2026-12-02 ran with
+  ``--set global_residual=true``, the skip everywhere, as each row says), 64^2 crops, batch 16,
   lr 2e-3 with cosine decay and 50 warm-up steps (the best of five recipes,
   ``benchmarks/results/recipe_cpu.md``), 1000 pre-training steps, proxy heads solved on 200 labels
   (``lstsq+l1``), 1000 full fine-tuning steps, seeds 0/1/2 (denoising rows; label efficiency: seed
@@ -137,7 +140,7 @@ class Preset:
     label_threads: int = 0  # DataLoader workers that read label crops
     sigmas: tuple[float, ...] = (15.0, 25.0, 50.0)  # Gaussian context rows
     lr: float = 1e-3  # Adam, Sec. 4 (pre-training and fine-tuning)
-    global_residual: bool = True  # model.global_residual of every network (labelled in every row)
+    global_residual: bool | None = None  # model.global_residual of every network; None: the product's auto rule (per method, labelled in every row)
     schedule: str = "constant"  # learning rate of pre-training and full fine-tuning: "constant" | "cosine"
     warmup: int = 0  # linear warm-up steps (pre-training and full fine-tuning)
     proxy_fit: str = "lstsq+l1"  # how proxy cells fit their fresh last layer (rcl_dist.train.probe)
@@ -247,7 +250,7 @@ def base_overrides(p: Preset) -> list[str]:
         f"train.lr={p.lr}",
         f"train.schedule={p.schedule}",
         f"train.warmup={p.warmup}",
-        f"model.global_residual={'true' if p.global_residual else 'false'}",
+        f"model.global_residual={'null' if p.global_residual is None else str(p.global_residual).lower()}",
         f"train.log_every={p.log_every}",
         f"dist.workers={p.workers}",
         f"dist.use_gpu={'true' if p.use_gpu else 'false'}",
@@ -393,6 +396,19 @@ def pretrain_config(p: Preset, cell: Cell, manifest: str = "manifest.parquet", *
     if storage_path:
         ov.append(f"dist.storage_path={storage_path}")
     return load_config(None, ov)
+
+
+def resolved_global_residual(p: Preset, cell: "Cell") -> bool:
+    """Whether ``cell``'s network has the input skip: the preset's setting, or the product's auto rule
+    (:func:`rcl_dist.config.global_residual_of`) for the method that trained its body (a fine-tuning
+    cell: its source's; from random initialisation: the base config's)."""
+    from rcl_dist.config import global_residual_of, load_config
+
+    if cell.source:  # evaluated / fine-tuned from a pre-training cell: that cell's method
+        method = cell.source.split("|")[0]
+    else:  # a pre-training cell itself, or a network from random initialisation (base config)
+        method = cell.method if cell.kind != "finetune" else None
+    return global_residual_of(load_config(None, base_overrides(p) + PRETRAIN_METHODS.get(method, [])))
 
 
 def random_init_config(p: Preset, raw: bool) -> dict[str, Any]:
@@ -680,7 +696,8 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
     out.append(f"Proxy rows: every weight frozen but a fresh last layer fitted on {preset.proxy_labels} labelled crops "
                f"(fit `{preset.proxy_fit}`, `rcl_dist.train.probe`). {ORACLE_OWN}: the supervised denoiser with its own "
                "last layer, which lies in the proxy's hypothesis class (the proxy's reference). "
-               f"Networks: U-Net with `model.global_residual={str(preset.global_residual).lower()}`.\n")  # fmt: skip
+               + ("Networks: U-Net, `model.global_residual` per method (the auto rule; see each row's `global_residual`).\n"
+                  if preset.global_residual is None else f"Networks: U-Net with `model.global_residual={str(preset.global_residual).lower()}`.\n"))  # fmt: skip
     if probe_stats:
         out.append("Probe fits (every proxy cell): " + probe_stats + "\n")
     out.append("## Table 2 analogue: proxy evaluation, SR x2 and JDenSR\n")
@@ -925,7 +942,7 @@ class Harness:
             "key": key, "kind": cell.kind, "method": cell.method, "seed": cell.seed, "task": cell.task,
             "labels": cell.labels, "study": cell.study, "mode": cell.mode, "source": cell.source,
             "steps": cell.steps, "seconds": round(time.perf_counter() - t0, 2), "head": cell.head,
-            "global_residual": self.preset.global_residual,
+            "global_residual": resolved_global_residual(self.preset, cell),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec,
         }  # fmt: skip
         self.ran.append(key)
@@ -1272,6 +1289,9 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if key == "eval_limit":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SystemExit(f"--set eval_limit: expected a positive integer or null, got {text!r}")
+        elif key == "global_residual":
+            if value is not None and not isinstance(value, bool):
+                raise SystemExit(f"--set global_residual: expected true, false or null (the auto rule), got {text!r}")
         elif isinstance(current, tuple):
             value = tuple(value if isinstance(value, list) else [value])
         elif isinstance(current, bool):

@@ -9,6 +9,7 @@ Ray's ``train_loop_config``, MLflow params and checkpoints store; ``Config.from_
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,10 @@ class ModelConfig:
     raw: str | None = None  # None, "mosaic" ([B,1,H,W] RGGB) or "packed" ([B,4,H/2,W/2]) RAW input
     # U-Net: f(x) = x + head(body(x)) where the head's output has the input's shape (denoising heads;
     # a fresh head then starts at zero, the identity). False: the paper's U-Net predicts the image
-    # directly (App. D.3). DnCNN predicts the noise, restore = x - f(x): residual by construction.
-    global_residual: bool = True
+    # directly (App. D.3). null ("auto", see global_residual_of): the skip for methods with a pixel
+    # target (supervised, n2n, n2s), direct prediction for rcl / consistency. DnCNN predicts the
+    # noise, restore = x - f(x): residual by construction.
+    global_residual: bool | None = None
 
     def validate(self) -> None:
         _choice("model.name", self.name, ("unet", "dncnn"))
@@ -60,7 +63,8 @@ class LossConfig:
     distance: str = "emd"  # d of Eq. 3: "emd" (Eq. 4), "bd" (Eq. 9), "mmd" (Eq. 10)
     temperature: float = 0.1  # tau of Eq. 3, on the residual's [0, 1] value scale ("fixed") or dimensionless ("median")
     temperature_scale: str = "fixed"  # "fixed" (the paper: logits -d/tau) or "median" (-d/(tau * median negative d))
-    alpha: float = 1e-3  # weight of the contrastive term (Eq. 6), the paper's 1e-3
+    alpha: float = 1e-3  # weight of the contrastive term (Eq. 6), the paper's 1e-3 (with alpha_ratio: the start)
+    alpha_ratio: float | None = None  # set alpha so that alpha|grad L_contrast| / |grad L_consistency| ~ this (None: fixed)
     reduction: str = "sum"  # over the N+1 anchors: "sum" (Algorithm 1) or "mean"
     quantiles: int | None = 256  # EMD / MMD sketch size (None: exact EMD on all sorted values)
     channels: str = "separate"  # per-channel distances averaged, or "pooled" values
@@ -84,6 +88,12 @@ class LossConfig:
             raise ConfigError(f"loss.alpha must be >= 0, got {self.alpha!r}")
         if self.quantiles is not None:
             _at_least("loss.quantiles", self.quantiles, 2)
+        if self.alpha_ratio is not None:
+            if not (isinstance(self.alpha_ratio, (int, float)) and math.isfinite(self.alpha_ratio) and self.alpha_ratio > 0):
+                raise ConfigError(f"loss.alpha_ratio must be a finite number > 0 or null, got {self.alpha_ratio!r}")
+            if self.method != "rcl" or not self.diagnostics or not self.alpha > 0:
+                raise ConfigError("loss.alpha_ratio needs loss.method=rcl, loss.diagnostics=true and loss.alpha > 0 "
+                                  f"(got method {self.method!r}, diagnostics {self.diagnostics}, alpha {self.alpha})")  # fmt: skip
         if self.method == "consistency" and self.encoder is None:
             raise ConfigError("loss.method 'consistency' needs loss.encoder")
         _at_least("loss.n2s_grid", self.n2s_grid, 2)
@@ -298,3 +308,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config section {parts[0]!r} must be a mapping")
         raw[parts[0]][parts[1]] = yaml.safe_load(text) if text.strip() else None
     return Config.from_dict(raw)
+
+
+# methods whose loss compares f(x) with a pixel target: the global input skip helps them
+SKIP_METHODS = ("supervised", "n2n", "n2s")
+
+
+def global_residual_of(cfg: "Config") -> bool:
+    """``model.global_residual`` with null ("auto") resolved by ``loss.method``.
+
+    Auto: the input skip f(x) = x + head(body(x)) for methods with a pixel target (supervised, n2n,
+    n2s: +1.5 dB for the supervised U-Net at the CPU budget, ``benchmarks/results/recipe_cpu.md``),
+    direct prediction (the paper's U-Net, App. D.3) for rcl and consistency: with the skip a zero head
+    gives f(x) = x, where Eq. 5 is exactly 0 and Eq. 3 is flat, and pre-training stays at the
+    identity (RCL-EMD proxy 30.53 dB with the skip against 33.24 direct on CBSD68, noisy input 30.51,
+    ``benchmarks/results/rcl_calibration_runs_cpu.md``).
+    """
+    if cfg.model.global_residual is not None:
+        return bool(cfg.model.global_residual)
+    return cfg.loss.method in SKIP_METHODS

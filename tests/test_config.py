@@ -66,7 +66,7 @@ def test_scientific_notation_and_warmup():
 
 
 def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
-    """model.global_residual (default on) did not exist before: such checkpoints predicted the image directly."""
+    """model.global_residual (default auto) did not exist before: such checkpoints predicted the image directly."""
     import torch
 
     from rcl_dist.models.io import load_checkpoint, save_checkpoint
@@ -80,4 +80,17 @@ def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
     torch.save(state, path)
     loaded, lcfg, _ = load_checkpoint(path)
     assert lcfg.model.global_residual is False and loaded.global_residual is False
-    assert load_config().model.global_residual is True
+    assert load_config().model.global_residual is None  # a new config: the auto rule
+
+
+@pytest.mark.parametrize("method, skip", [("rcl", False), ("consistency", False), ("supervised", True), ("n2n", True), ("n2s", True)])
+def test_auto_global_residual_follows_the_method_and_an_explicit_setting_wins(method, skip):
+    from rcl_dist.config import global_residual_of
+    from rcl_dist.train.local import build_model_from_config
+
+    small = ["model.width=4", "model.depth=1", f"loss.method={method}"]
+    assert global_residual_of(load_config(None, small)) is skip
+    assert build_model_from_config(load_config(None, small)).global_residual is skip
+    for explicit in (True, False):
+        cfg = load_config(None, [*small, f"model.global_residual={str(explicit).lower()}"])
+        assert global_residual_of(cfg) is explicit and build_model_from_config(cfg).global_residual is explicit

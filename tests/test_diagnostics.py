@@ -150,3 +150,33 @@ def test_local_trainer_records_the_diagnostics_at_its_log_steps():
         assert len(history.metrics[key]) == 2 and all(math.isfinite(v) for v in history.metrics[key]), key
     _, quiet = train_local(load_config(None, [*small, "loss.diagnostics=false"]), log=None)
     assert "grad_ratio" not in quiet.metrics and "logit_gap" in quiet.metrics
+
+
+def test_adapt_alpha_jumps_to_the_target_or_steps_by_at_most_the_factor():
+    from rcl_dist.losses.diagnostics import adapt_alpha
+
+    assert adapt_alpha(1e-3, 1e-4, 0.1, max_factor=math.inf) == pytest.approx(1.0)  # the ratio is linear in alpha
+    assert adapt_alpha(1e-3, 1e-4, 0.1) == pytest.approx(2e-3)
+    assert adapt_alpha(1e-3, 10.0, 0.1) == pytest.approx(5e-4)
+    assert adapt_alpha(1e-3, 0.1, 0.1) == pytest.approx(1e-3)
+    assert adapt_alpha(1e-3, 0.0, 0.1) == pytest.approx(2e-3)  # no contrastive gradient: push up, bounded
+    assert adapt_alpha(1e-3, float("nan"), 0.1, max_factor=math.inf) == pytest.approx(1e-3)
+    assert adapt_alpha(1e5, 1e-9, 1.0, max_factor=math.inf) == 1e6  # clipped to the bounds
+    with pytest.raises(ValueError):
+        adapt_alpha(0.0, 1.0, 0.1)
+
+
+def test_alpha_ratio_sets_alpha_from_the_measured_gradient_ratio_in_the_local_trainer():
+    from rcl_dist.train.local import train_local
+
+    small = ["model.width=8", "model.depth=2", "data.crop=32", "data.tile=64", "train.batch_size=4",
+             "train.steps=3", "train.log_every=1", "train.lr=1e-5", "loss.alpha_ratio=0.1"]  # fmt: skip
+    _, history = train_local(load_config(None, small), log=None)
+    alphas, ratios = history.metrics["alpha"], history.metrics["grad_ratio"]
+    assert alphas[0] != pytest.approx(1e-3, rel=0.01)  # moved from the configured start before step 1
+    # after the jump on its own batch, the ratio on the training batches is near the target
+    assert all(0.1 / 4 < r < 0.1 * 4 for r in ratios), ratios
+    with pytest.raises(ValueError, match="loss.alpha_ratio"):
+        train_local(load_config(None, [*small, "loss.encoder=null"]), log=None)
+    with pytest.raises(ConfigError, match="loss.alpha_ratio"):
+        load_config(None, [*small, "loss.method=n2n"])

@@ -35,7 +35,7 @@ fid = _load_fidelity()
 @pytest.mark.parametrize("name", sorted(fid.PRESETS))
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_every_config_loads_and_every_spec_constructs(name, engine):
-    from rcl_dist.config import Config
+    from rcl_dist.config import Config, global_residual_of
     from rcl_dist.train.finetune import FinetuneSpec
 
     p = dataclasses.replace(fid.PRESETS[name], finetune_engine=engine)
@@ -54,6 +54,9 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert cfg.dist.workers == p.workers and cfg.dist.use_gpu == p.use_gpu
             assert cfg.model.raw == ("packed" if c.method == "RCL-EMD (RAW)" else None)
             assert cfg.model.global_residual == p.global_residual and cfg.train.schedule == p.schedule
+            # the row's label is the network that is built: the auto rule per method
+            assert global_residual_of(cfg) == fid.resolved_global_residual(p, c), c.key
+            assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Oracle", "Oracle (Gaussian)")), c.key
         elif c.kind == "finetune":
             source = "none" if c.source is None else "/nowhere/state.pt"
             spec = fid.finetune_spec(p, c, source, "m.parquet", experiment="e")
@@ -103,7 +106,9 @@ def test_preset_overrides_from_the_command_line():
     assert got == {"pretrain_steps": 50, "seeds": (0, 1), "label_seeds": (0,), "eval_limit": None, "use_gpu": False, "lr": 1.0}
     p = dataclasses.replace(fid.PRESETS["gpu"], **got)
     assert p.fingerprint() != fid.PRESETS["gpu"].fingerprint()  # its own cache
-    for bad in (["pretrain_steps=abc"], ["nope=1"], ["use_gpu=1"]):
+    assert fid.parse_sets(["global_residual=true"]) == {"global_residual": True}
+    assert fid.parse_sets(["global_residual=null"]) == {"global_residual": None}
+    for bad in (["pretrain_steps=abc"], ["nope=1"], ["use_gpu=1"], ["global_residual=banana"]):
         with pytest.raises(SystemExit):
             fid.parse_sets(bad)
     with pytest.raises(ValueError, match="finetune_engine"):

@@ -166,6 +166,25 @@ def test_resume_continues_the_same_run(local_ray, tmp_path):
         run_pretrain(load_config(None, [*base[:-2], "dist.run_name=nope", "train.steps=2"]), resume=True)
 
 
+def test_two_workers_calibrate_one_alpha_and_resume_keeps_it(local_ray, tmp_path):
+    """loss.alpha_ratio on 2 workers with the Eq. 5 term: alpha is set from the gradient ratio before
+    step 1, recorded every log step, and a resumed run goes on from the checkpointed alpha (not from
+    loss.alpha again)."""
+    from rcl_dist.train.launch import run_pretrain
+
+    base = [*[o for o in TINY if o not in ("loss.encoder=null", "loss.alpha=1")], "data.engine=torch", "dist.workers=2",
+            f"dist.storage_path={tmp_path / 'ray'}", "dist.run_name=a1", "dist.checkpoint_every=2", "loss.alpha_ratio=0.1"]  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_pretrain(load_config(None, [*base, "train.steps=4"]), tracking_uri=uri)
+    run_pretrain(load_config(None, [*base, "train.steps=6"]), resume=True)
+    client = MlflowClient(uri)
+    alpha = {m.step: m.value for m in client.get_metric_history(first.mlflow_run_id, "alpha")}
+    ratio = {m.step: m.value for m in client.get_metric_history(first.mlflow_run_id, "grad_ratio")}
+    assert sorted(alpha) == list(range(1, 7)) and sorted(ratio) == list(range(1, 7))
+    assert alpha[1] != pytest.approx(1e-3, rel=0.01)  # calibrated before the first step
+    assert 0.5 <= alpha[5] / alpha[4] <= 2.0 and alpha[5] != pytest.approx(1e-3, rel=0.01)  # resumed, not reset
+
+
 # ---------------------------------------------------------------- pieces without Ray
 
 

@@ -14,6 +14,10 @@ Three kinds of figure, each cheap enough to record every few hundred steps:
   the distance between the predicted residual n_hat = x - f(x) (Eq. 2) and the noise n that was added,
   as a value-distribution distance (the Eq. 3 distance, e.g. EMD, Eq. 4) and as a root-mean-square
   difference. The paper's Fig. 2 caption says RCL contracts the first.
+
+And one rule that acts on them (:func:`adapt_alpha`, ``loss.alpha_ratio``): alpha of Eq. 6 is set so
+that the contrastive term's gradient is a stated fraction of the consistency term's, instead of a
+constant whose meaning depends on the distance, the temperature, the encoder stage and the reductions.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["logit_stats", "gradient_norms", "residual_noise_distance"]
+__all__ = ["logit_stats", "gradient_norms", "residual_noise_distance", "adapt_alpha"]
 
 
 @torch.no_grad()
@@ -79,3 +83,22 @@ def residual_noise_distance(residual: torch.Tensor, noise: torch.Tensor, distanc
     d = torch.stack([distance.pairwise(s_r[j : j + 1], s_n[j : j + 1])[0, 0] for j in range(residual.shape[0])])
     rms = (residual.double() - noise.double()).pow(2).flatten(1).mean(1).sqrt()
     return {"noise_distance": float(d.mean()), "noise_rmse": float(rms.mean())}
+
+
+def adapt_alpha(alpha: float, ratio: float, target: float, max_factor: float = 2.0,
+                bounds: tuple[float, float] = (1e-8, 1e6)) -> float:  # fmt: skip
+    """The next alpha of Eq. 6 for a measured ``ratio`` = alpha ||grad L_contrast|| / ||grad L_consistency||.
+
+    The ratio is linear in alpha, so ``alpha * target / ratio`` would hit the target on the batch it
+    was measured on; the step is limited to a factor ``max_factor`` either way (``inf``: jump, used
+    once before training) because the ratio of one batch is noisy and moves as f trains. A ratio that
+    is 0 or not finite (no contrastive gradient) multiplies alpha by ``max_factor`` when finite.
+    The result is clipped to ``bounds``.
+    """
+    if not (target > 0 and alpha > 0 and max_factor >= 1):
+        raise ValueError(f"adapt_alpha needs alpha > 0, target > 0, max_factor >= 1; got {alpha}, {target}, {max_factor}")
+    if not (math.isfinite(ratio) and ratio > 0):
+        factor = max_factor if math.isfinite(max_factor) else 1.0
+    else:
+        factor = min(max(target / ratio, 1.0 / max_factor), max_factor)
+    return float(min(max(alpha * factor, bounds[0]), bounds[1]))

@@ -6,6 +6,7 @@ objective built by the same functions; only the data path and the gathering of n
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rcl_dist.config import Config
+from rcl_dist.config import Config, global_residual_of
 from rcl_dist.data.images import bundled_images, list_images, load_image, shared_data_dir, tile
 from rcl_dist.data.reference import PairSampler
 from rcl_dist.losses.consistency import ConsistencyLoss, RawConsistencyLoss, build_encoder
+from rcl_dist.losses.diagnostics import adapt_alpha
 from rcl_dist.losses.objectives import build_objective
 from rcl_dist.models import Restorer, build_model
 from rcl_dist.train.schedule import lr_factor
@@ -33,7 +35,7 @@ def build_model_from_config(cfg: Config) -> Restorer:
         head = "raw2rgb" if m.raw == "packed" else "rgb"
         return build_model(
             "unet", in_channels=in_ch, out_channels=out_ch, width=m.width, depth=m.depth, head=head, raw=m.raw,
-            global_residual=m.global_residual,
+            global_residual=global_residual_of(cfg),
         )  # fmt: skip
     return build_model("dncnn", in_channels=m.in_channels, out_channels=m.in_channels, width=m.width, depth=m.depth)
 
@@ -76,6 +78,21 @@ def gradient_diagnostics(cfg: Config, objective: nn.Module, model: nn.Module, ba
     if not (cfg.loss.diagnostics and cfg.loss.method == "rcl" and hasattr(objective, "gradient_diagnostics")):
         return {}
     return objective.gradient_diagnostics(model, batch)
+
+
+def calibrate_alpha(cfg: Config, objective: nn.Module, diagnostics: dict[str, float], *, jump: bool = False) -> float | None:
+    """``loss.alpha_ratio``: move the objective's alpha (Eq. 6) towards the target gradient ratio
+    (:func:`rcl_dist.losses.diagnostics.adapt_alpha`: at most x2 per call, ``jump``: all the way, once
+    before training). Returns the new alpha, or None when the setting is off. In a distributed run
+    pass the diagnostics averaged over the workers, so that every worker sets the same alpha."""
+    target = cfg.loss.alpha_ratio
+    if target is None:
+        return None
+    if "grad_ratio" not in diagnostics:
+        raise ValueError("loss.alpha_ratio needs the consistency term (loss.encoder, or a RAW model's Eq. 11): "
+                         "without it there is no gradient ratio to set alpha from")  # fmt: skip
+    objective.alpha = adapt_alpha(objective.alpha, diagnostics["grad_ratio"], target, math.inf if jump else 2.0)
+    return objective.alpha
 
 
 def _distance_options(cfg: Config) -> dict:
@@ -161,6 +178,8 @@ def train_local(
     )
     history = History()
     model.train()
+    if cfg.loss.alpha_ratio is not None:  # alpha from the gradient ratio at the start (its own batch)
+        calibrate_alpha(cfg, objective, gradient_diagnostics(cfg, objective, model, sampler.sample(t.batch_size, kind)), jump=True)
     start = time.perf_counter()
     for step in range(1, t.steps + 1):
         batch = sampler.sample(t.batch_size, kind)
@@ -175,6 +194,9 @@ def train_local(
         if step % t.log_every == 0 or step == 1 or step == t.steps:
             values = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
             values.update(gradient_diagnostics(cfg, objective, model, batch))
+            if cfg.loss.alpha_ratio is not None:
+                values["alpha"] = objective.alpha  # the alpha this step trained with
+                calibrate_alpha(cfg, objective, values)
             history.add(step, values)
             if log is not None:
                 log(f"step {step:5d}  " + "  ".join(f"{k} {v:.5g}" for k, v in values.items()))

@@ -29,6 +29,7 @@ from rcl_dist.train.local import (
     build_consistency_from_config,
     build_model_from_config,
     build_objective_from_config,
+    calibrate_alpha,
     gradient_diagnostics,
 )
 
@@ -227,6 +228,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         restarts, skipped = state["restarts"] + 1, state["skipped_nonfinite"]
         dist_init = state["dist_init"] if state["dist_init"].numel() else None
         queue = state["queue"].to(device) if state["queue"].numel() else None
+        if cfg.loss.alpha_ratio is not None and "alpha" in state:  # the calibrated alpha goes on where it was
+            objective.alpha = float(state["alpha"])
     model: nn.Module = inner
     if world > 1:
         model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
@@ -260,6 +263,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     eval_batch = {k: v.to(device) for k, v in batches.next().items()}  # fixed batch for Fig. 2 and samples
     if step == 0:
         dist_init = _distance_matrix(inner, objective, eval_batch)
+        if cfg.loss.alpha_ratio is not None:  # alpha from the gradient ratio at the start, the same on every rank
+            diag = rdist.all_reduce_mean(gradient_diagnostics(cfg, objective, inner, eval_batch), device=device)
+            calibrate_alpha(cfg, objective, diag, jump=True)
     key_gather = rdist.make_key_gather() if cfg.dist.negatives != "local" else None
     use_queue = cfg.dist.negatives == "global+queue"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu and cfg.dist.bf16)
@@ -306,6 +312,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             with autocast:  # every rank: the dicts all_reduce_mean averages must have the same keys
                 values.update(gradient_diagnostics(cfg, objective, inner, batch))
             metrics = rdist.all_reduce_mean(values, device=device)
+            if cfg.loss.alpha_ratio is not None:  # from the averaged ratio: every rank sets the same alpha
+                metrics["alpha"] = objective.alpha
+                calibrate_alpha(cfg, objective, metrics)
             metrics.update(
                 samples_per_s=global_batch * n_window / t_window,
                 data_wait_fraction=wait_window / t_window,
@@ -348,6 +357,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                                 "skipped_nonfinite": guard.skipped,
                                 "dist_init": dist_init if dist_init is not None else torch.empty(0),
                                 "queue": queue.cpu() if queue is not None else torch.empty(0),
+                                "alpha": float(getattr(objective, "alpha", 0.0)),
                                 "config": loop_config["config"],
                             },
                             Path(tmp) / CHECKPOINT_FILE,
