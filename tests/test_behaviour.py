@@ -30,9 +30,9 @@ def _evaluate(model, batch, loss: ResidualContrastiveLoss) -> dict[str, float]:
 @pytest.mark.slow
 # (distance trained with, max ratio of loss after/before, min ratio of gap after/before); measured on
 # this machine: EMD 0.43 and 6.7x, BD 0.73 and 1.67x. The paper's U-Net (App. D.3) predicts the image
-# directly, so x - f(x) starts as image content; with the product's global input skip f starts near
-# the identity, a stationary point of Eq. 3 (BD there: loss ratio 0.87 after 40 steps), which is the
-# contrastive-objective issue's to solve, not this test's premise.
+# directly, so x - f(x) starts as image content (also the product's auto rule for RCL); with the global
+# input skip f starts near the identity, a stationary point of Eq. 3 (BD there: loss ratio 0.87 after
+# 40 steps), which is not this test's premise.
 @pytest.mark.parametrize("distance, loss_ratio, gap_ratio", [("emd", 0.6, 3.0), ("bd", 0.85, 1.3)])
 def test_rcl_steps_lower_contrastive_loss_and_widen_emd_gap(distance, loss_ratio, gap_ratio):
     cfg = load_config(None, [*SMALL, "train.steps=40", "loss.encoder=null", "loss.alpha=1", f"loss.distance={distance}",
