@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             rec = json.loads(line)
             done[(rec["name"], tuple(rec["overrides"]))] = rec
     records = []
+    scratch = tempfile.TemporaryDirectory()  # the label manifest (indexed once) and each cell's checkpoint
+    workdir = Path(scratch.name)
     for item in args.cell:
         name, _, ov = item.partition("|")
         overrides = args.base.split() + ov.split()
@@ -108,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             records.append(done[key])
             continue
         print(f"[recipe] {name}: {ov}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            rec = {"name": name, "overrides": list(key[1]), "cell": ov,
-                   **run_cell(overrides, args.eval_limit, args.eval_set, args.proxy_labels, Path(tmp))}  # fmt: skip
+        rec = {"name": name, "overrides": list(key[1]), "cell": ov,
+               **run_cell(overrides, args.eval_limit, args.eval_set, args.proxy_labels, workdir)}  # fmt: skip
         print(f"[recipe] {name}: PSNR {rec['psnr']:.2f} dB (input {rec['psnr_input']:.2f}) in {rec['train_seconds']} s", flush=True)
         with open(cache_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         records.append(rec)
+    scratch.cleanup()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     head = f"proxy on {args.proxy_labels} labels" if args.proxy_labels else "own head"
     lines = [

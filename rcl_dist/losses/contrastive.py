@@ -69,9 +69,7 @@ class ResidualContrastiveLoss(nn.Module):
         """The divisor of the logits for this [B_q, K] distance matrix (a detached scalar tensor)."""
         if self.temperature_scale == "fixed":
             return torch.tensor(self.temperature, dtype=dist.dtype, device=dist.device)
-        neg = torch.ones_like(dist, dtype=torch.bool)
-        neg[torch.arange(dist.shape[0], device=dist.device), _positive_index(dist, positive_index)] = False
-        scale = dist.detach()[neg].median().clamp(min=_MIN_SCALE)
+        scale = dist.detach()[_negative_mask(dist, positive_index)].median().clamp(min=_MIN_SCALE)
         return self.temperature * scale
 
     def sketch(self, residual: torch.Tensor) -> torch.Tensor:
@@ -123,13 +121,19 @@ def _positive_index(dist: torch.Tensor, positive_index: torch.Tensor | None) -> 
     return positive_index.to(dist.device)
 
 
+def _negative_mask(dist: torch.Tensor, positive_index: torch.Tensor | None) -> torch.Tensor:
+    """[B_q, K] boolean: True at every (query, negative key) entry, False at each query's positive."""
+    mask = torch.ones_like(dist, dtype=torch.bool)
+    mask[torch.arange(dist.shape[0], device=dist.device), _positive_index(dist, positive_index)] = False
+    return mask
+
+
 @torch.no_grad()
 def pair_distance_stats(dist: torch.Tensor, positive_index: torch.Tensor | None = None) -> dict[str, float]:
     """Mean distance of positive pairs and of negative pairs in a [B_q, K] distance matrix.
 
     Their gap (negative minus positive) is the quantity of the paper's Fig. 2: training should widen it.
     """
-    pos_mask = torch.zeros_like(dist, dtype=torch.bool)
-    pos_mask[torch.arange(dist.shape[0], device=dist.device), _positive_index(dist, positive_index)] = True
-    pos, neg = dist[pos_mask].mean(), dist[~pos_mask].mean()
+    neg_mask = _negative_mask(dist, positive_index)
+    pos, neg = dist[~neg_mask].mean(), dist[neg_mask].mean()
     return {"dist_pos": pos.item(), "dist_neg": neg.item(), "dist_gap": (neg - pos).item()}

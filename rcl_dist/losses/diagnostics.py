@@ -27,6 +27,8 @@ from typing import Iterable
 
 import torch
 
+from rcl_dist.losses.contrastive import pair_distance_stats
+
 __all__ = ["logit_stats", "gradient_norms", "residual_noise_distance", "adapt_alpha"]
 
 
@@ -35,21 +37,19 @@ def logit_stats(
     dist: torch.Tensor, temperature: float | torch.Tensor, positive_index: torch.Tensor | None = None,
     reduction: str = "sum",
 ) -> dict[str, float]:
-    """Logit gap and uniform-guess loss of Eq. 3 from a [B_q, K] distance matrix.
+    """:func:`~rcl_dist.losses.contrastive.pair_distance_stats` of a [B_q, K] distance matrix plus the
+    logit gap and the uniform-guess loss of Eq. 3.
 
     ``temperature``: the one the loss divides by (the effective one when it is scaled, see
     :class:`rcl_dist.losses.contrastive.ResidualContrastiveLoss`). ``positive_index[j]``: the column
-    of q_j's positive (default j).
+    of q_j's positive (default j). Every query has K - 1 negatives, so the mean negative distance is
+    also the mean over queries of each query's mean negative distance.
     """
     b, k = dist.shape
-    pos_col = torch.arange(b, device=dist.device) if positive_index is None else positive_index.to(dist.device)
-    d = dist.double()
-    pos = d[torch.arange(b, device=dist.device), pos_col]  # [B]
-    neg_mean = (d.sum(1) - pos) / max(k - 1, 1)  # [B]
+    stats = pair_distance_stats(dist.double(), positive_index)  # float64: the gap of nearly equal means
     tau = float(temperature)
-    gap = ((neg_mean - pos) / tau).mean()
     uniform = math.log(k) * (b if reduction == "sum" else 1)
-    return {"logit_gap": float(gap), "contrast_uniform": uniform, "tau_effective": tau}
+    return {**stats, "logit_gap": stats["dist_gap"] / tau, "contrast_uniform": uniform, "tau_effective": tau}
 
 
 def gradient_norms(terms: dict[str, torch.Tensor], params: Iterable[torch.nn.Parameter]) -> dict[str, float]:

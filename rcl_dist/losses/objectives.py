@@ -20,7 +20,7 @@ from rcl_dist.losses.baselines import (
     Noise2SelfObjective,
     SupervisedObjective,
 )
-from rcl_dist.losses.contrastive import ResidualContrastiveLoss, pair_distance_stats
+from rcl_dist.losses.contrastive import ResidualContrastiveLoss
 from rcl_dist.losses.diagnostics import gradient_norms, logit_stats
 
 __all__ = ["RCLObjective", "build_objective", "METHODS", "KeyGather"]
@@ -75,8 +75,6 @@ class RCLObjective(nn.Module):
         dist = self.contrastive.distance_matrix(s_q, keys, extra_negatives)  # [B, K]
         l_contrast = self.contrastive.info_nce(dist, pos)
         result = {"contrast": l_contrast.detach(), "sketch_k": s_k.detach()}
-        tau = self.contrastive.effective_temperature(dist.detach(), pos)
-        result.update({k_: torch.tensor(v) for k_, v in logit_stats(dist.detach(), tau, pos, self.contrastive.reduction).items()})
         scale = world_size if self.contrastive.reduction == "sum" else 1
         loss = self.alpha * scale * l_contrast
         if self.consistency is not None:
@@ -84,7 +82,9 @@ class RCLObjective(nn.Module):
             loss = loss + l_cons
             result["consistency"] = l_cons.detach()
         result["loss"] = loss
-        result.update({k_: torch.tensor(v) for k_, v in pair_distance_stats(dist, pos).items()})
+        tau = self.contrastive.effective_temperature(dist.detach(), pos)
+        stats = logit_stats(dist.detach(), tau, pos, self.contrastive.reduction)  # pair distances, logit gap, uniform guess
+        result.update({k_: torch.tensor(v) for k_, v in stats.items()})
         return result
 
 
