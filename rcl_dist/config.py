@@ -45,7 +45,7 @@ class ModelConfig:
     # U-Net: f(x) = x + head(body(x)) where the head's output has the input's shape (denoising heads;
     # a fresh head then starts at zero, the identity). False: the paper's U-Net predicts the image
     # directly (App. D.3). null ("auto", see global_residual_of): the skip for methods with a pixel
-    # target (supervised, n2n, n2s), direct prediction for rcl / consistency. DnCNN predicts the
+    # target (supervised, n2n, n2s, nb2nb, b2u), direct prediction for rcl / consistency. DnCNN predicts the
     # noise, restore = x - f(x): residual by construction.
     global_residual: bool | None = None
 
@@ -59,7 +59,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    method: str = "rcl"  # "rcl" (Eq. 6), "consistency" (Eq. 5 only), "n2n", "n2s", "supervised" (Oracle)
+    # "rcl" (Eq. 6), "consistency" (Eq. 5 only), "n2n", "n2s", "nb2nb" (Neighbor2Neighbor), "b2u"
+    # (Blind2Unblind), "supervised" (Oracle)
+    method: str = "rcl"
     distance: str = "emd"  # d of Eq. 3: "emd" (Eq. 4), "bd" (Eq. 9), "mmd" (Eq. 10)
     temperature: float = 0.1  # tau of Eq. 3, on the residual's [0, 1] value scale ("fixed") or dimensionless ("median")
     temperature_scale: str = "fixed"  # "fixed" (the paper: logits -d/tau) or "median" (-d/(tau * median negative d))
@@ -73,10 +75,12 @@ class LossConfig:
     encoder_stage: int | None = None  # phi: the encoder stage whose features are compared (None: default)
     consistency_normalize: bool = False  # Eq. 5 divided by the target features' mean square (scale-free)
     n2s_grid: int = 4  # Noise2Self masking grid
+    nb2nb_gamma: float = 2.0  # Neighbor2Neighbor regulariser weight (Huang et al.: 2)
+    b2u_grid: int = 4  # Blind2Unblind global masker grid (Wang et al.: 4, i.e. 16 masked copies per step)
     diagnostics: bool = True  # RCL with Eq. 5: gradient norms of both terms at every log step (one extra forward)
 
     def validate(self) -> None:
-        _choice("loss.method", self.method, ("rcl", "consistency", "n2n", "n2s", "supervised"))
+        _choice("loss.method", self.method, ("rcl", "consistency", "n2n", "n2s", "nb2nb", "b2u", "supervised"))
         _choice("loss.distance", self.distance, ("emd", "bd", "mmd"))
         _choice("loss.reduction", self.reduction, ("sum", "mean"))
         _choice("loss.temperature_scale", self.temperature_scale, ("fixed", "median"))
@@ -97,6 +101,9 @@ class LossConfig:
         if self.method == "consistency" and self.encoder is None:
             raise ConfigError("loss.method 'consistency' needs loss.encoder")
         _at_least("loss.n2s_grid", self.n2s_grid, 2)
+        _at_least("loss.b2u_grid", self.b2u_grid, 2)
+        if not (isinstance(self.nb2nb_gamma, (int, float)) and math.isfinite(self.nb2nb_gamma) and self.nb2nb_gamma >= 0):
+            raise ConfigError(f"loss.nb2nb_gamma must be a finite number >= 0, got {self.nb2nb_gamma!r}")
 
 
 @dataclass
@@ -311,14 +318,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # methods whose loss compares f(x) with a pixel target: the global input skip helps them
-SKIP_METHODS = ("supervised", "n2n", "n2s")
+SKIP_METHODS = ("supervised", "n2n", "n2s", "nb2nb", "b2u")
 
 
 def global_residual_of(cfg: "Config") -> bool:
     """``model.global_residual`` with null ("auto") resolved by ``loss.method``.
 
     Auto: the input skip f(x) = x + head(body(x)) for methods with a pixel target (supervised, n2n,
-    n2s: +1.5 dB for the supervised U-Net at the CPU budget, ``benchmarks/results/recipe_cpu.md``),
+    n2s, nb2nb, b2u: +1.5 dB for the supervised U-Net at the CPU budget, ``benchmarks/results/recipe_cpu.md``),
     direct prediction (the paper's U-Net, App. D.3) for rcl and consistency: with the skip a zero head
     gives f(x) = x, where Eq. 5 is exactly 0 and Eq. 3 is flat, and pre-training stays at the
     identity (RCL-EMD proxy 30.53 dB with the skip against 33.24 direct on CBSD68, noisy input 30.51,

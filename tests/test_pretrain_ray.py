@@ -220,7 +220,7 @@ def test_checkpoint_files_load_with_weights_only(tmp_path):
     assert torch.load(Path(tmp_path / "state.pt"), weights_only=True)["step"] == 3
 
 
-@pytest.mark.parametrize("method", ["rcl", "consistency", "n2n", "n2s", "supervised"])
+@pytest.mark.parametrize("method", ["rcl", "consistency", "n2n", "n2s", "nb2nb", "b2u", "supervised"])
 def test_every_method_gets_the_batch_keys_its_objective_needs(method):
     """The pipeline task chosen for each pre-training method yields what the objective reads."""
     from rcl_dist.data.spec import TASK_KEYS

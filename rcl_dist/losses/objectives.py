@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from rcl_dist.losses.baselines import (
+    Blind2UnblindObjective,
     ConsistencyOnlyObjective,
+    Neighbor2NeighborObjective,
     Noise2NoiseObjective,
     Noise2SelfObjective,
     SupervisedObjective,
@@ -112,7 +114,7 @@ class RCLObjective(nn.Module):
         return norms
 
 
-METHODS = ("rcl", "consistency", "n2n", "n2s", "supervised")
+METHODS = ("rcl", "consistency", "n2n", "n2s", "nb2nb", "b2u", "supervised")
 
 
 def build_objective(
@@ -126,6 +128,8 @@ def build_objective(
     distance_options: dict | None = None,
     consistency: nn.Module | None = None,
     n2s_grid: int = 4,
+    nb2nb_gamma: float = 2.0,
+    b2u_grid: int = 4,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """The objective of ``method`` in ``METHODS``; ``consistency`` is the Eq. 5 / Eq. 11 module."""
@@ -140,6 +144,10 @@ def build_objective(
         return Noise2NoiseObjective()
     if method == "n2s":
         return Noise2SelfObjective(n2s_grid, generator)
+    if method == "nb2nb":
+        return Neighbor2NeighborObjective(nb2nb_gamma, generator)
+    if method == "b2u":
+        return Blind2UnblindObjective(b2u_grid)
     if method == "supervised":
         return SupervisedObjective()
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

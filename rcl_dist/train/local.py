@@ -67,6 +67,8 @@ def build_objective_from_config(cfg: Config, consistency: nn.Module | None, gene
         distance_options=_distance_options(cfg),
         consistency=consistency,
         n2s_grid=lc.n2s_grid,
+        nb2nb_gamma=lc.nb2nb_gamma,
+        b2u_grid=lc.b2u_grid,
         generator=generator,
     )
 
@@ -172,7 +174,8 @@ def train_local(
     if consistency == "from-config":
         consistency = build_consistency_from_config(cfg) if cfg.loss.method in ("rcl", "consistency") else None
     objective = build_objective_from_config(cfg, consistency, gen)
-    kind = {"rcl": "rcl", "consistency": "rcl", "n2n": "n2n", "n2s": "clean", "supervised": "clean"}[cfg.loss.method]
+    kind = {"rcl": "rcl", "consistency": "rcl", "n2n": "n2n", "n2s": "clean", "nb2nb": "clean", "b2u": "clean",
+            "supervised": "clean"}[cfg.loss.method]
     opt = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
     )
@@ -185,6 +188,8 @@ def train_local(
         batch = sampler.sample(t.batch_size, kind)
         for g in opt.param_groups:
             g["lr"] = t.lr * lr_factor(t.schedule, step, t.steps, t.warmup)
+        if hasattr(objective, "set_progress"):  # schedules that follow training progress (Blind2Unblind)
+            objective.set_progress(step, t.steps)
         out = objective(model, batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -38,7 +38,9 @@ __all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
 # The pipeline task that feeds each pre-training method.
-METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "supervised": "denoise"}
+# the pipeline task of each method; nb2nb / b2u / n2s read only the noisy "input" of a denoise batch
+METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "nb2nb": "denoise",
+               "b2u": "denoise", "supervised": "denoise"}  # fmt: skip
 
 
 class DDPRestorer(nn.Module):
@@ -283,6 +285,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         _maybe_fault(rank, step + 1)
         for g in opt.param_groups:
             g["lr"] = cfg.train.lr * lr_factor(cfg.train.schedule, step + 1, cfg.train.steps, cfg.train.warmup)
+        if hasattr(objective, "set_progress"):  # schedules that follow training progress (Blind2Unblind)
+            objective.set_progress(step + 1, cfg.train.steps)
         with autocast:
             if cfg.loss.method == "rcl":
                 extra = queue if use_queue else None
