@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench crosscheck clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/loss_timing.py --out benchmarks/results/loss_timing_cpu.md
 
+# deepinv needs torchvision, which does not import beside torch 2.13.0: its own environment (~5.6 GB, from
+# this machine's disk), with rcl_dist's core imported from the checkout (benchmarks/deepinv_crosscheck.py)
+CROSS ?= .venv-crosscheck
+$(CROSS)/.installed:
+	$(PYTHON) -m venv $(CROSS)
+	$(CROSS)/bin/python -m pip install torch==2.14.1 torchvision==0.29.1
+	$(CROSS)/bin/python -m pip install deepinv==0.5.0 scikit-image pyarrow pyyaml
+	touch $(CROSS)/.installed
+
+crosscheck: $(CROSS)/.installed
+	$(CROSS)/bin/python benchmarks/deepinv_crosscheck.py --out benchmarks/results/deepinv_crosscheck_cpu
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CROSS) .pytest_cache

@@ -145,6 +145,10 @@ class Preset:
     warmup: int = 0  # linear warm-up steps (pre-training and full fine-tuning)
     proxy_fit: str = "lstsq+l1"  # how proxy cells fit their fresh last layer (rcl_dist.train.probe)
     gaussian_sigma_max: float = 55.0  # the blind Gaussian Oracle of the context rows trains on sigma in [0, this]
+    # pre-training noise: "fixed" (one stored noisy image per training image, as the paper and as a real
+    # unlabelled set; N2N's second image a second stored realisation with the same parameters) or "fresh"
+    realisation: str = "fixed"
+    b2u_grid: int = 4  # Blind2Unblind's masker grid (the paper's 4: 16 forward passes per step)
 
     def __post_init__(self) -> None:
         if self.finetune_engine not in ("local", "ray"):
@@ -162,6 +166,8 @@ class Preset:
 
         if self.proxy_fit not in PROBE_FITS:
             raise ValueError(f"preset {self.name}: proxy_fit must be one of {list(PROBE_FITS)}, got {self.proxy_fit!r}")
+        if self.realisation not in ("fixed", "fresh"):
+            raise ValueError(f"preset {self.name}: realisation must be 'fixed' or 'fresh', got {self.realisation!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"preset {self.name}: schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
 
@@ -177,12 +183,13 @@ PRESETS: dict[str, Preset] = {
         name="smoke", width=8, depth=2, crop=32, batch_size=8, pretrain_steps=4, proxy_steps=4, proxy_labels=8,
         full_steps=4, label_counts=(10, 100, 1000), oracle_labels=16, seeds=(0,), label_seeds=(0,), eval_limit=2,
         fig2_images=8, workers=2, use_gpu=False, threads=1, finetune_engine="local", log_every=2, checkpoint_every=50,
+        b2u_grid=2,
     ),
     "cpu": Preset(
         name="cpu", width=16, depth=3, crop=64, batch_size=16, pretrain_steps=1000, proxy_steps=300, proxy_labels=200,
         full_steps=1000, label_counts=(10, 100, 1000), oracle_labels=2000, seeds=(0, 1, 2), label_seeds=(0,),
         eval_limit=12, fig2_images=32, workers=2, use_gpu=False, threads=1, finetune_engine="local", log_every=50,
-        checkpoint_every=250, lr=2e-3, schedule="cosine", warmup=50,
+        checkpoint_every=250, lr=2e-3, schedule="cosine", warmup=50, b2u_grid=2,
     ),
     "gpu": Preset(
         name="gpu", width=32, depth=4, crop=128, batch_size=64, pretrain_steps=20000, proxy_steps=2000,
@@ -199,6 +206,8 @@ PRETRAIN_METHODS: dict[str, list[str]] = {
     "RCL-MMD": ["loss.method=rcl", "loss.distance=mmd"],
     "N2N": ["loss.method=n2n"],
     "N2S": ["loss.method=n2s"],
+    "Nb2Nb": ["loss.method=nb2nb"],
+    "B2U": ["loss.method=b2u"],
     "Consistency": ["loss.method=consistency"],
     "Oracle": ["loss.method=supervised"],
     "RCL-EMD (RAW)": ["loss.method=rcl", "loss.distance=emd", "model.raw=packed"],
@@ -212,8 +221,8 @@ SL_SCRATCH = "SL (scratch)"
 RCL_ZERO = "RCL-EMD (no fine-tuning)"
 ORACLE_OWN = "Oracle (own head)"  # the supervised denoiser applied as it is: the proxy's reference
 ORACLE_GAUSS = "Oracle (Gaussian)"
-MULTI_SEED = ("RCL-EMD", "N2N", "N2S", RANDOM_INIT, "Oracle")  # denoising rows with every seed
-PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Consistency", RANDOM_INIT)
+MULTI_SEED = ("RCL-EMD", "N2N", "N2S", "Nb2Nb", RANDOM_INIT, "Oracle")  # denoising rows with every seed
+PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
 METHOD_ORDER = PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS)
 
 # Evaluation sets per task: (dataset name, path under shared/data).
@@ -255,6 +264,8 @@ def base_overrides(p: Preset) -> list[str]:
         f"dist.workers={p.workers}",
         f"dist.use_gpu={'true' if p.use_gpu else 'false'}",
         f"dist.checkpoint_every={p.checkpoint_every}",
+        f"data.realisation={p.realisation}",
+        f"loss.b2u_grid={p.b2u_grid}",
     ]
 
 
@@ -319,7 +330,7 @@ def build_plan(p: Preset) -> list[Cell]:
     cells: list[Cell] = []
 
     def pre_seeds(method: str) -> tuple[int, ...]:
-        return p.seeds if method in ("RCL-EMD", "N2N", "N2S", "Oracle") else (first,)
+        return p.seeds if method in MULTI_SEED else (first,)
 
     for method, ov in PRETRAIN_METHODS.items():
         gauss = method == ORACLE_GAUSS
@@ -906,6 +917,15 @@ class Harness:
         out.parent.mkdir(parents=True, exist_ok=True)
         index_images([(str(folder), "train")], out, seed=0, sampler=sampler,
                      sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None)  # fmt: skip
+        if which != "real" and self.preset.realisation == "fixed":
+            from rcl_dist.data.manifest import simulate
+
+            # the stored noisy images every pre-training reads (where simulated_dir_for looks):
+            # realisation 0 for all, 1 for N2N's second image, and the RAW-domain ones of RCL-EMD (RAW)
+            stored = str(out.with_suffix("")) + "_simulated"
+            simulate(out, stored, pairs=True, gray=False, log=lambda *_: None)
+            if which == "train":
+                simulate(out, stored, raw=True, log=lambda *_: None)
         self._manifests[which] = str(out)
         return str(out)
 

@@ -56,7 +56,9 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert cfg.model.global_residual == p.global_residual and cfg.train.schedule == p.schedule
             # the row's label is the network that is built: the auto rule per method
             assert global_residual_of(cfg) == fid.resolved_global_residual(p, c), c.key
-            assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Oracle", "Oracle (Gaussian)")), c.key
+            assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Nb2Nb", "B2U", "Oracle", "Oracle (Gaussian)")), c.key
+            # one data regime for every method: stored realisations (N2N: a second one, same parameters)
+            assert cfg.data.realisation == p.realisation == "fixed" and cfg.loss.b2u_grid == p.b2u_grid
         elif c.kind == "finetune":
             source = "none" if c.source is None else "/nowhere/state.pt"
             spec = fid.finetune_spec(p, c, source, "m.parquet", experiment="e")
@@ -69,10 +71,10 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert c.evals, c.key
     # the matrix the issue asks for
     first = p.seeds[0]
-    for method in ("RCL-EMD", "N2N", "N2S", fid.RANDOM_INIT, "Oracle"):
+    for method in ("RCL-EMD", "N2N", "N2S", "Nb2Nb", fid.RANDOM_INIT, "Oracle"):
         for s in p.seeds:
             assert fid.cell_key(method, s, "denoise", p.proxy_labels) in keys
-    for method in ("RCL-BD", "RCL-MMD", "Consistency"):
+    for method in ("RCL-BD", "RCL-MMD", "Consistency", "B2U"):
         assert fid.cell_key(method, first, "denoise", p.proxy_labels) in keys
     for task in ("sr", "jdensr"):
         assert fid.cell_key(fid.SL_DEN, first, task, p.proxy_labels) in keys
