@@ -35,7 +35,7 @@ $(CROSS)/.installed:
 	touch $(CROSS)/.installed
 
 crosscheck: $(CROSS)/.installed
-	$(CROSS)/bin/python benchmarks/deepinv_crosscheck.py --out benchmarks/results/deepinv_crosscheck_cpu
+	$(CROSS)/bin/python benchmarks/deepinv_crosscheck.py --out benchmarks/results/deepinv_crosscheck_cpu --seeds 0 1 --threads 1
 
 clean:
 	rm -rf $(VENV) $(CROSS) .pytest_cache

@@ -766,12 +766,19 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
     out.append(f"![Fig. 2]({fig2})\n" if fig2 else "(not produced)\n")
     if fig2_stats:
         parts = []
-        for k, label in (("init", "Before training (fresh initialisation)"), ("final", "after training")):
+        for k, label in (("init", "Before training (fresh initialisation)"), ("final", "after training"),
+                         ("noise", "with the true simulated noise as the residual (an ideal denoiser)")):  # fmt: skip
             st = fig2_stats.get(k) or {}
             if st.get("mean") is not None:
                 parts.append(f"{label}: mean {st['mean']:.4g}, median {st.get('median', float('nan')):.4g}, "
                              f"{100 * st.get('frac_positive', float('nan')):.0f} % > 0 over {st.get('n')} (anchor, negative) pairs")  # fmt: skip
         out.append(f"{fig2_images_note(preset)} " + "; ".join(parts) + ".\n")
+        nd = fig2_stats.get("noise_distance") or {}
+        if nd.get("init") and nd.get("final"):
+            out.append(f"Distance of each crop's residual x - f(x) to the noise it holds (the quantity the paper's Fig. 2 "
+                       f"caption says RCL contracts), median over {nd['final'].get('n')} crops: {nd['init']['median']:.4g} "
+                       f"before training, {nd['final']['median']:.4g} after (0 for an ideal denoiser; the identity "
+                       "f(x) = x gives the noise's own distance to 0).\n")  # fmt: skip
     out.append("## All rows\n")
     out.append(markdown_table(rows, list(ROW_KEYS) + ["study", "sigma", "n_images", "psnr_input_mean", "seed_list", "head",
                                     "global_residual"]) if rows else "(none)\n")
@@ -1174,6 +1181,7 @@ class Harness:
         from rcl_dist.data.images import list_images, load_image
         from rcl_dist.data.reference import PairSampler
         from rcl_dist.models.io import load_checkpoint
+        from rcl_dist.losses.diagnostics import residual_noise_distances
         from rcl_dist.tracking import FIG2_ARTIFACT, pos_neg_from_distance_matrix
         from rcl_dist.train.local import build_model_from_config, build_objective_from_config
         from rcl_dist.train.pretrain import _distance_matrix
@@ -1190,17 +1198,25 @@ class Harness:
         sampler = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, sampler="uniform",
                               sampler_options={"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max},
                               generator=gen)  # fmt: skip
-        batch = sampler.sample(n, "rcl")
+        batch = sampler.sample(n, "rcl+noise")
         objective = build_objective_from_config(cfg, None, torch.Generator().manual_seed(0))
         trained.eval()
         initial.eval()
         d_init = _distance_matrix(initial, objective, batch)
         d_final = _distance_matrix(trained, objective, batch)
+        # the references: the same pairs with the true noise as the residual (an ideal denoiser), and
+        # each crop's distance between the network's residual and the noise it holds
+        contrastive = objective.contrastive
+        with torch.no_grad():
+            d_noise = contrastive.distance_matrix(contrastive.sketch(batch["q_noise"]), contrastive.sketch(batch["k_noise"]))
+            to_noise = {name: residual_noise_distances(net.residual(batch["q"]), batch["q_noise"], contrastive.distance)[0]
+                        for name, net in (("init", initial), ("final", trained))}  # fmt: skip
         tracker = self._eval_run(cell, {"checkpoint": ckpt, "images": n, "crop": cfg.data.crop, "dataset": "CBSD68",
                                         "before": f"fresh initialisation, torch seed {cfg.train.seed}"})  # fmt: skip
         status = "FAILED"
         try:
-            summary = tracker.log_emd_density_plot(*pos_neg_from_distance_matrix(d_init), *pos_neg_from_distance_matrix(d_final))
+            summary = tracker.log_emd_density_plot(*pos_neg_from_distance_matrix(d_init), *pos_neg_from_distance_matrix(d_final),
+                                                   reference=pos_neg_from_distance_matrix(d_noise), noise_distance=to_noise)  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 local = MlflowClient(self.tracking_uri).download_artifacts(tracker.run_id, FIG2_ARTIFACT, tmp)
                 dest = self.out.with_name(self.out.name + "_fig2.png")
@@ -1210,7 +1226,8 @@ class Harness:
         finally:
             tracker.end(status)
         stats = {k: {s: summary[k].get(s) for s in ("n", "mean", "std", "median", "frac_positive") if s in summary[k]}
-                 for k in ("init", "final")}  # fmt: skip
+                 for k in ("init", "final", "noise")}  # fmt: skip
+        stats["noise_distance"] = {k: {s: v.get(s) for s in ("n", "mean", "median")} for k, v in summary["noise_distance"].items()}
         return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "figure": str(dest), "fig2": stats}
 
     # -- outputs -----------------------------------------------------------------------------------

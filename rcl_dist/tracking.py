@@ -792,6 +792,8 @@ class RunTracker:
         pos_final: Any,
         neg_final: Any,
         *,
+        reference: tuple[Any, Any] | None = None,
+        noise_distance: dict[str, Any] | None = None,
         subdir: str | None = None,
         bins: int = 60,
         max_values: int = 50_000,
@@ -805,12 +807,23 @@ class RunTracker:
         Larger (more positive) differences mean the residuals of crops of one image are closer than
         those of different images: RCL should move the density to the right.
 
+        The gap alone cannot tell a good denoiser from the identity or from one that keeps image
+        content in its residual, so two references may be drawn with it:
+
+        * ``reference`` = (pos, neg) of the same pairs with the *true simulated noise* as the
+          residual (an ideal denoiser): where a trained network's density should land ("noise");
+        * ``noise_distance`` = ``{"init": [B], "final": [B]}``: per crop d(n_hat, n) between the
+          network's residual and the noise it holds, before and after training, in a second panel;
+          the paper's caption says RCL contracts it.
+
         Writes ``fig2_emd_gap_density.png`` (histogram + Gaussian KDE of each set, a line at 0) and
         ``fig2_emd_gap_density.json`` (summary statistics, the KDE curves, histogram, and the raw
         differences when there are at most ``max_values`` of them). Non-finite differences are
         dropped and counted. Returns the JSON content.
         """
         raw = {"init": _gaps(pos_init, neg_init, "init"), "final": _gaps(pos_final, neg_final, "final")}
+        if reference is not None:
+            raw["noise"] = _gaps(reference[0], reference[1], "noise")
         finite = {k: v[np.isfinite(v)] for k, v in raw.items()}
         allv = np.concatenate(list(finite.values()))
         if allv.size == 0:
@@ -825,10 +838,12 @@ class RunTracker:
             k: np.histogram(v, bins=edges, density=True)[0] if v.size else np.zeros(bins) for k, v in finite.items()
         }
 
-        labels = {"init": "initialisation (random weights)", "final": "after training"}
-        colours = {"init": "tab:gray", "final": "tab:blue"}
-        fig = _new_figure((6.4, 4.0))
-        ax = fig.add_subplot(1, 1, 1)
+        labels = {"init": "initialisation (random weights)", "final": "after training",
+                  "noise": "true noise as the residual (ideal denoiser)"}  # fmt: skip
+        colours = {"init": "tab:gray", "final": "tab:blue", "noise": "tab:green"}
+        panels = 2 if noise_distance is not None else 1
+        fig = _new_figure((6.4 * panels, 4.0))
+        ax = fig.add_subplot(1, panels, 1)
         for k, v in finite.items():
             if v.size == 0:
                 continue
@@ -843,12 +858,26 @@ class RunTracker:
 
         result = {
             "description": "per (anchor, negative) pair: EMD(negative) - EMD(positive); "
-            "'init' at random initialisation, 'final' after training (RCL paper, Fig. 2)",
-            "init": _summary(finite["init"], int(raw["init"].size - finite["init"].size), h["init"], max_values),
-            "final": _summary(finite["final"], int(raw["final"].size - finite["final"].size), h["final"], max_values),
-            "kde": {"grid": grid.tolist(), "init": dens["init"].tolist(), "final": dens["final"].tolist()},
-            "histogram": {"edges": edges.tolist(), "init": hist["init"].tolist(), "final": hist["final"].tolist()},
+            "'init' at random initialisation, 'final' after training (RCL paper, Fig. 2)"
+            + ("; 'noise' with the true simulated noise as the residual" if reference is not None else ""),
+            **{k: _summary(finite[k], int(raw[k].size - finite[k].size), h[k], max_values) for k in raw},
+            "kde": {"grid": grid.tolist(), **{k: dens[k].tolist() for k in raw}},
+            "histogram": {"edges": edges.tolist(), **{k: hist[k].tolist() for k in raw}},
         }
+        if noise_distance is not None:
+            nd = {k: _to_numpy(noise_distance[k]).reshape(-1) for k in ("init", "final")}
+            nd = {k: v[np.isfinite(v)] for k, v in nd.items()}
+            ax2 = fig.add_subplot(1, panels, 2)
+            both = np.concatenate(list(nd.values()))
+            if both.size:
+                e2 = np.linspace(float(both.min()), float(both.max()) + 1e-9, bins + 1)
+                for k, v in nd.items():
+                    ax2.hist(v, bins=e2, alpha=0.5, color=colours[k], label=f"{labels[k]}: median {np.median(v):.3g}")
+            ax2.set_xlabel("d(residual x - f(x), true noise n) per crop")
+            ax2.set_ylabel("crops")
+            ax2.set_title("Distance of the residual to the true noise", fontsize=10)
+            ax2.legend(fontsize=8)
+            result["noise_distance"] = {k: _summary(v, 0, _bandwidth(v), max_values) for k, v in nd.items()}
         prefix = f"{subdir.strip('/')}/" if subdir else ""
         self._log_figure(fig, prefix + FIG2_ARTIFACT, dpi=120)
         self.log_text(json.dumps(result), prefix + FIG2_ARTIFACT.replace(".png", ".json"))

@@ -277,6 +277,13 @@ def test_artifacts_images_fig2_system_info(store_uri, tmp_path):
         kde_grid = np.array(result["kde"]["grid"])
         for k in ("init", "final"):  # each density integrates to ~1
             assert _trapezoid(result["kde"][k], kde_grid) == pytest.approx(1.0, abs=0.02)
+        # with the true-noise reference and the per-crop distance to the noise (second panel)
+        ref = tracker.log_emd_density_plot(pos_i, neg_i, pos_f, neg_f, reference=(0.01 * pos_f, neg_f + 0.2),
+                                           noise_distance={"init": rng.random(32), "final": 0.1 * rng.random(32)},
+                                           subdir="with_noise")  # fmt: skip
+        assert ref["noise"]["mean"] == pytest.approx(np.nanmean(neg_f + 0.2 - 0.01 * pos_f[:, None]), rel=1e-6)
+        assert ref["noise_distance"]["final"]["median"] < ref["noise_distance"]["init"]["median"]
+        assert _trapezoid(ref["kde"]["noise"], np.array(ref["kde"]["grid"])) == pytest.approx(1.0, abs=0.02)
 
         info = tracker.log_system_info()
         assert info["versions"]["mlflow"] and info["versions"]["torch"] and info["cpu_count"] >= 1

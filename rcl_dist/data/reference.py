@@ -48,7 +48,8 @@ __all__ = ["PairSampler", "ManifestPairs", "ShardSampler", "EpochLoader", "make_
 class PairSampler:
     """Draws batches from a list of [C, H, W] images, each with its own noise parameters.
 
-    ``kind``: "rcl" -> {"q", "k"} (two overlapping crops of one noisy realisation), "n2n" ->
+    ``kind``: "rcl" -> {"q", "k"} (two overlapping crops of one noisy realisation), "rcl+noise" -> the
+    same with "q_noise", "k_noise" (the noise each crop holds: the residual an ideal denoiser gives), "n2n" ->
     {"noisy", "noisy2"} (two realisations of one crop), "clean" -> {"input", "target"} (noisy, clean).
     All randomness comes from ``generator``.
     """
@@ -98,23 +99,27 @@ class PairSampler:
             raise ValueError(f"batch of {batch_size} distinct images requested from {len(self.images)} images")
         idx = torch.randperm(len(self.images), generator=self.generator)[:batch_size].tolist()
         p = self._params(idx)
-        if kind == "rcl":
+        if kind in ("rcl", "rcl+noise"):
             s, c = self.max_shift, self.crop
             parents = torch.stack([self._crop(self.images[i], c + s) for i in idx])  # [B, C, c+s, c+s]
             noisy = add_nlf_noise(parents, p, generator=self.generator)  # noise once per parent
-            q, k = [], []
-            for n in noisy:
+            noise = noisy - parents
+            out: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "q_noise": [], "k_noise": []}
+            for n, e in zip(noisy, noise):
                 (y1, x1), (y2, x2) = [(self._randint(s + 1), self._randint(s + 1)) for _ in range(2)]
-                q.append(n[:, y1 : y1 + c, x1 : x1 + c])
-                k.append(n[:, y2 : y2 + c, x2 : x2 + c])
-            return {"q": torch.stack(q), "k": torch.stack(k)}
+                for key, src in (("q", n), ("q_noise", e)):
+                    out[key].append(src[:, y1 : y1 + c, x1 : x1 + c])
+                for key, src in (("k", n), ("k_noise", e)):
+                    out[key].append(src[:, y2 : y2 + c, x2 : x2 + c])
+            keys = ("q", "k", "q_noise", "k_noise") if kind == "rcl+noise" else ("q", "k")
+            return {key: torch.stack(out[key]) for key in keys}
         clean = torch.stack([self._crop(self.images[i], self.crop) for i in idx])
         noisy = add_nlf_noise(clean, p, generator=self.generator)
         if kind == "n2n":
             return {"noisy": noisy, "noisy2": add_nlf_noise(clean, p, generator=self.generator)}
         if kind == "clean":
             return {"input": noisy, "target": clean}
-        raise ValueError(f"unknown batch kind {kind!r}; choose 'rcl', 'n2n' or 'clean'")
+        raise ValueError(f"unknown batch kind {kind!r}; choose 'rcl', 'rcl+noise', 'n2n' or 'clean'")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from rcl_dist.losses.contrastive import pair_distance_stats
 
-__all__ = ["logit_stats", "gradient_norms", "residual_noise_distance", "adapt_alpha"]
+__all__ = ["logit_stats", "gradient_norms", "residual_noise_distance", "residual_noise_distances", "adapt_alpha"]
 
 
 @torch.no_grad()
@@ -70,18 +70,25 @@ def gradient_norms(terms: dict[str, torch.Tensor], params: Iterable[torch.nn.Par
 
 
 @torch.no_grad()
-def residual_noise_distance(residual: torch.Tensor, noise: torch.Tensor, distance) -> dict[str, float]:
-    """Mean over crops of d(n_hat_j, n_j) (the Eq. 3 distance ``distance``, a
-    :mod:`rcl_dist.losses.distances` object) and of the root-mean-square of n_hat_j - n_j.
+def residual_noise_distances(residual: torch.Tensor, noise: torch.Tensor, distance) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per crop j: d(n_hat_j, n_j) (the Eq. 3 distance ``distance``, a :mod:`rcl_dist.losses.distances`
+    object) and the root-mean-square of n_hat_j - n_j; two float64 [B] tensors.
 
     ``residual``, ``noise``: [B, C, H, W]. The distance is the diagonal of ``distance.pairwise`` on
-    the two sets of sketches (crop j against its own noise only).
+    the two sets of sketches (crop j against its own noise only). The paper's Fig. 2 caption says RCL
+    contracts d(n_hat, n): these are the numbers that claim is about.
     """
     if residual.shape != noise.shape:
         raise ValueError(f"residual {tuple(residual.shape)} and noise {tuple(noise.shape)} differ in shape")
     s_r, s_n = distance.sketch(residual.float()), distance.sketch(noise.float())
     d = torch.stack([distance.pairwise(s_r[j : j + 1], s_n[j : j + 1])[0, 0] for j in range(residual.shape[0])])
     rms = (residual.double() - noise.double()).pow(2).flatten(1).mean(1).sqrt()
+    return d.double(), rms
+
+
+def residual_noise_distance(residual: torch.Tensor, noise: torch.Tensor, distance) -> dict[str, float]:
+    """The means over crops of :func:`residual_noise_distances`: ``noise_distance`` and ``noise_rmse``."""
+    d, rms = residual_noise_distances(residual, noise, distance)
     return {"noise_distance": float(d.mean()), "noise_rmse": float(rms.mean())}
 
 

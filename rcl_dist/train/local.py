@@ -19,7 +19,8 @@ from rcl_dist.config import Config, global_residual_of
 from rcl_dist.data.images import bundled_images, list_images, load_image, shared_data_dir, tile
 from rcl_dist.data.reference import PairSampler
 from rcl_dist.losses.consistency import ConsistencyLoss, RawConsistencyLoss, build_encoder
-from rcl_dist.losses.diagnostics import adapt_alpha
+from rcl_dist.losses.diagnostics import adapt_alpha, residual_noise_distance
+from rcl_dist.losses.distances import get_distance
 from rcl_dist.losses.objectives import build_objective
 from rcl_dist.models import Restorer, build_model
 from rcl_dist.train.schedule import lr_factor
@@ -71,6 +72,27 @@ def build_objective_from_config(cfg: Config, consistency: nn.Module | None, gene
         b2u_grid=lc.b2u_grid,
         generator=generator,
     )
+
+
+def noise_probe(cfg: Config, images: list[np.ndarray], sampler: PairSampler, n: int = 16):
+    """With ``loss.diagnostics`` on an RGB model: a function ``model -> {"noise_distance",
+    "noise_rmse"}``, the loss's distance d(n_hat, n) and the RMS of n_hat - n between each crop's
+    residual x - f(x) and the simulated noise it holds (:func:`residual_noise_distance`), on one fixed
+    set of ``n`` crops drawn once (its own generator, the training images' own noise parameters), so
+    the values at successive log steps are comparable. What the paper's Fig. 2 caption says RCL
+    contracts, for every method. None otherwise."""
+    if not cfg.loss.diagnostics or cfg.model.raw is not None:
+        return None
+    gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    fixed = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, params=sampler.params, generator=gen)
+    batch = fixed.sample(min(n, len(images)), "rcl+noise")
+    distance = get_distance(cfg.loss.distance, **_distance_options(cfg))
+
+    @torch.no_grad()
+    def measure(model: nn.Module) -> dict[str, float]:
+        return residual_noise_distance(model.residual(batch["q"]), batch["q_noise"], distance)
+
+    return measure
 
 
 def gradient_diagnostics(cfg: Config, objective: nn.Module, model: nn.Module, batch: dict) -> dict[str, float]:
@@ -180,6 +202,7 @@ def train_local(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
     )
     history = History()
+    probe = noise_probe(cfg, images, sampler)
     model.train()
     if cfg.loss.alpha_ratio is not None:  # alpha from the gradient ratio at the start (its own batch)
         calibrate_alpha(cfg, objective, gradient_diagnostics(cfg, objective, model, sampler.sample(t.batch_size, kind)), jump=True)
@@ -199,6 +222,8 @@ def train_local(
         if step % t.log_every == 0 or step == 1 or step == t.steps:
             values = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
             values.update(gradient_diagnostics(cfg, objective, model, batch))
+            if probe is not None:
+                values.update(probe(model))
             if cfg.loss.alpha_ratio is not None:
                 values["alpha"] = objective.alpha  # the alpha this step trained with
                 calibrate_alpha(cfg, objective, values)
