@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     idx.add_argument("--sampler", choices=("uniform", "brooks", "gaussian"), default="uniform", help="NLF parameter sampler")
     idx.add_argument("--sigma-min", type=float, default=0.0, help="uniform sampler: sigma range on [0, 1]")
     idx.add_argument("--sigma-max", type=float, default=20.0 / 255.0)
+    idx.add_argument("--noise", choices=("simulated", "none"), default="simulated",
+                     help="simulated: clean images, noise added in training; none: real noisy photographs (train "
+                          "with data.noise=none; *_mean clean references are left out)")  # fmt: skip
     sim = dsub.add_parser("simulate", help="materialise each image's fixed noisy realisation (.npy)")
     sim.add_argument("--manifest", type=Path, required=True)
     sim.add_argument("--out", type=Path, required=True, help="folder for the .npy files")
@@ -240,6 +243,7 @@ def _data(args) -> None:
             test_fraction=args.test_fraction,
             sampler=args.sampler,
             sampler_options=options,
+            noise=args.noise,
         )
     else:
         n = manifest.simulate(

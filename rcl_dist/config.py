@@ -112,6 +112,9 @@ class DataConfig:
     tile: int = 128  # bundled/large images are cut into tiles of this size, each its own 'image' (0: off)
     crop: int = 64  # crop size c of each of the two crops (the paper: >= 128 where images allow)
     overlap: float = 0.5  # two crops share at least this fraction of their side per axis
+    # "simulated": the images are taken as clean and Eq. 8 noise is added (sampler, sigma_*); "none": they
+    # are real noisy photographs, used as they are (both crops of an RCL pair from the one file)
+    noise: str = "simulated"
     sampler: str = "uniform"  # NLF parameter sampler: "uniform" (App. C.1), "brooks" (Eq. 12-13), "gaussian" (shot 0)
     sigma_min: float = 0.0  # App. C.1 sigma range on the [0, 1] scale (paper: [0, 20] on 0-255)
     sigma_max: float = 20.0 / 255.0
@@ -126,6 +129,10 @@ class DataConfig:
     def validate(self) -> None:
         _choice("data.sampler", self.sampler, ("uniform", "brooks", "gaussian"))
         _choice("data.realisation", self.realisation, ("fresh", "fixed"))
+        _choice("data.noise", self.noise, ("simulated", "none"))
+        if self.noise == "none" and self.realisation == "fixed":
+            raise ConfigError("data.realisation=fixed reads stored simulated noise; with data.noise=none the images "
+                              "are the noisy photographs: leave data.realisation at fresh")  # fmt: skip
         _choice("data.engine", self.engine, ("dali", "torch"))
         _choice("data.split", self.split, ("train", "val", "test"))
         _at_least("data.threads", self.threads, 0)
@@ -224,6 +231,14 @@ class Config:
             )
         if self.loss.method == "rcl" and self.train.batch_size // self.dist.workers < 1:
             raise ConfigError("each worker needs at least one image per step")
+        if self.data.noise == "none":
+            needs = {"n2n": "a second noisy realisation of each image", "supervised": "a clean target for each image"}
+            if self.loss.method in needs:
+                raise ConfigError(f"loss.method={self.loss.method} needs {needs[self.loss.method]}, which real noisy "
+                                  "photographs (data.noise=none) do not have: use rcl, consistency, n2s, nb2nb or b2u")  # fmt: skip
+            if self.model.raw is not None:
+                raise ConfigError("model.raw mosaics a clean RGB image before adding noise; data.noise=none has no "
+                                  "clean image to mosaic (real RAW input is not supported yet)")  # fmt: skip
         return self
 
     def to_dict(self) -> dict[str, Any]:

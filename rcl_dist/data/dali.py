@@ -334,6 +334,8 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
         there the N(0, 1) batch comes from a torch.Generator (seeded per rank and per draw) through an
         external source, and DALI does the arithmetic.
         """
+        if spec.noise == "none":  # real noisy photographs: the pixels as they are
+            return x
         sh, rd = noise_params(label)
         if gpu:
             eps = fn.random.normal(x, device="gpu")  # same shape as x, new draw per call

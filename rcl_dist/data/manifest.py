@@ -60,12 +60,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, load_image
-from rcl_dist.data.spec import MANIFEST_SCHEMA, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
+from rcl_dist.data.spec import MANIFEST_SCHEMA, NOISE_KINDS, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
 
 __all__ = [
     "IndexResult",
     "index_images",
     "read_manifest",
+    "manifest_noise",
     "check_paths",
     "simulate",
     "rejects_path",
@@ -88,7 +89,8 @@ TOO_LARGE = "too large"
 TOO_SMALL = "too small"
 TRUNCATED = "truncated"
 DUPLICATE = "duplicate"
-REASONS = (UNREADABLE, ZERO_BYTE, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, TOO_SMALL, TRUNCATED, DUPLICATE)
+CLEAN_REFERENCE = "clean reference"
+REASONS = (UNREADABLE, ZERO_BYTE, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, TOO_SMALL, TRUNCATED, DUPLICATE, CLEAN_REFERENCE)
 
 # Formats the DALI decoders and the reference loader both read (MPO: a camera JPEG with a preview).
 _FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")
@@ -494,6 +496,7 @@ def index_images(
     min_side: int = 2,
     workers: int | None = None,
     checkpoint_s: float = 60.0,
+    noise: str = "simulated",
     log: Callable[[str], Any] = print,
 ) -> IndexResult:
     """Index the images under ``dirs`` into the manifest ``out`` (Parquet) and its rejects table.
@@ -513,6 +516,11 @@ def index_images(
     give an equal table. Both files are replaced atomically; every ``checkpoint_s`` seconds, and on
     Ctrl-C, the manifest is also written with what is done so far (rows of files not reached yet are
     kept from the previous manifest), so an interrupted run loses nothing already indexed.
+
+    ``noise``: what the folder holds, recorded in the manifest's metadata (:func:`manifest_noise`):
+    ``"simulated"`` (images taken as clean, noise added in training) or ``"none"`` (real noisy
+    photographs, used as they are; the ``*_mean`` clean references of a real pair folder are then
+    rejected with that reason, so the noisy ``*_real`` halves are the unlabelled set).
 
     ``workers``: threads reading and decoding (default: up to 4); each holds one decoded image.
     ``log`` receives a line per rejected file (the first 20), progress lines, and the summary.
@@ -536,6 +544,8 @@ def index_images(
         )
     if min_side < 1 or max_pixels < 1:
         raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side}, {max_pixels}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     options = dict(sampler_options or {})
     sample_nlf(sampler, 1, **options)  # unknown sampler or bad options: fail before any work
     workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
@@ -549,6 +559,7 @@ def index_images(
         "max_pixels": int(max_pixels),
         "min_side": int(min_side),
         "folders": [[os.path.abspath(f), s] for f, s in folders],
+        "noise": noise,
     }
 
     old: dict[str, dict[str, Any]] = {}
@@ -576,6 +587,8 @@ def index_images(
         row = old.get(path)
         if e.error is not None:
             rejects[path] = e.error
+        elif noise == "none" and Path(path).stem.endswith("_mean"):
+            rejects[path] = f"{CLEAN_REFERENCE}: the clean *_mean reference of a real pair, not a noisy photograph (noise='none')"
         elif e.size == 0:
             rejects[path] = f"{ZERO_BYTE}: the file is empty (0 bytes)"
         elif row is not None and row["size_bytes"] == e.size and row["mtime_ns"] == e.mtime_ns:
@@ -648,6 +661,17 @@ def index_images(
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
+
+def manifest_noise(path: str | os.PathLike) -> str:
+    """What a manifest's images are: ``"simulated"`` (clean, noise added in training) or ``"none"``
+    (real noisy photographs), as ``index_images(noise=...)`` recorded it; ``"simulated"`` for a
+    manifest written before the setting existed."""
+    meta = pq.read_schema(path).metadata or {}
+    try:
+        return json.loads(meta.get(_META_KEY, b"{}")).get("noise", "simulated")
+    except (ValueError, AttributeError):
+        return "simulated"
 
 
 def read_manifest(path: str | os.PathLike, split: str | None = None) -> pa.Table:

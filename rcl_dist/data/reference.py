@@ -51,7 +51,8 @@ class PairSampler:
     ``kind``: "rcl" -> {"q", "k"} (two overlapping crops of one noisy realisation), "rcl+noise" -> the
     same with "q_noise", "k_noise" (the noise each crop holds: the residual an ideal denoiser gives), "n2n" ->
     {"noisy", "noisy2"} (two realisations of one crop), "clean" -> {"input", "target"} (noisy, clean).
-    All randomness comes from ``generator``.
+    All randomness comes from ``generator``. ``noise="none"``: the images are real noisy photographs and
+    nothing is added ("target" is then the same noisy pixels, "q_noise" zeros, "n2n" an error).
     """
 
     def __init__(
@@ -63,7 +64,11 @@ class PairSampler:
         sampler: str = "uniform",
         sampler_options: dict | None = None,
         generator: torch.Generator | None = None,
+        noise: str = "simulated",
     ) -> None:
+        if noise not in ("simulated", "none"):
+            raise ValueError(f"noise must be 'simulated' or 'none', got {noise!r}")
+        self.noise = noise
         if not 0.0 < overlap <= 1.0:
             raise ValueError(f"overlap must be in (0, 1], got {overlap!r}")
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -94,6 +99,9 @@ class PairSampler:
     def _params(self, idx: list[int]) -> NoiseParams:
         return NoiseParams(self.params.shot[idx], self.params.read[idx])
 
+    def _noisy(self, clean: torch.Tensor, p: NoiseParams) -> torch.Tensor:
+        return clean if self.noise == "none" else add_nlf_noise(clean, p, generator=self.generator)
+
     def sample(self, batch_size: int, kind: str = "rcl") -> dict[str, torch.Tensor]:
         if batch_size > len(self.images):
             raise ValueError(f"batch of {batch_size} distinct images requested from {len(self.images)} images")
@@ -102,7 +110,7 @@ class PairSampler:
         if kind in ("rcl", "rcl+noise"):
             s, c = self.max_shift, self.crop
             parents = torch.stack([self._crop(self.images[i], c + s) for i in idx])  # [B, C, c+s, c+s]
-            noisy = add_nlf_noise(parents, p, generator=self.generator)  # noise once per parent
+            noisy = self._noisy(parents, p)  # noise once per parent
             noise = noisy - parents
             out: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "q_noise": [], "k_noise": []}
             for n, e in zip(noisy, noise):
@@ -114,8 +122,10 @@ class PairSampler:
             keys = ("q", "k", "q_noise", "k_noise") if kind == "rcl+noise" else ("q", "k")
             return {key: torch.stack(out[key]) for key in keys}
         clean = torch.stack([self._crop(self.images[i], self.crop) for i in idx])
-        noisy = add_nlf_noise(clean, p, generator=self.generator)
+        noisy = self._noisy(clean, p)
         if kind == "n2n":
+            if self.noise == "none":
+                raise ValueError("'n2n' batches need a second noisy realisation; noise='none' (real noisy photographs) has one")
             return {"noisy": noisy, "noisy2": add_nlf_noise(clean, p, generator=self.generator)}
         if kind == "clean":
             return {"input": noisy, "target": clean}
@@ -436,6 +446,10 @@ class ManifestPairs(Dataset):
 
     # -- the pairs -----------------------------------------------------------------------------------
 
+    def _noisy(self, clean: torch.Tensor, i: int, g: torch.Generator) -> torch.Tensor:
+        """Eq. 8 with image i's own parameters; ``noise="none"``: the file's pixels, already noisy."""
+        return clean if self.spec.noise == "none" else add_nlf_noise(clean, self._params(i), generator=g)
+
     def _sample(self, i: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         spec, c = self.spec, self.spec.crop
         task, fixed = spec.task, spec.realisation == "fixed"
@@ -453,7 +467,7 @@ class ManifestPairs(Dataset):
                 clean = self._clean(i)[:, py : py + parent, px : px + parent]
                 if even:
                     clean = _mosaic_chw(clean)
-                noisy = add_nlf_noise(clean, self._params(i), generator=g)  # once, for both crops
+                noisy = self._noisy(clean, i, g)  # once, for both crops
             (qy, qx), (ky, kx) = [(_randpos(g, s, even), _randpos(g, s, even)) for _ in range(2)]
             q, k = noisy[:, qy : qy + c, qx : qx + c], noisy[:, ky : ky + c, kx : kx + c]
             if spec.raw == "packed":
@@ -494,7 +508,7 @@ class ManifestPairs(Dataset):
             second = self._fixed_crop(i, y, x, c, 1) if task == "n2n" else self._clean(i)[:, y : y + c, x : x + c]
         else:
             clean = self._clean(i)[:, y : y + c, x : x + c]
-            first = add_nlf_noise(clean, self._params(i), generator=g)
+            first = self._noisy(clean, i, g)
             second = add_nlf_noise(clean, self._params(i), generator=g) if task == "n2n" else clean
         return {a: first.contiguous(), b: second.contiguous()}
 

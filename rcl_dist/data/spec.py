@@ -18,6 +18,11 @@ noisy image for an image every epoch (a real unlabelled data set has exactly one
 :func:`fixed_noisy_image` of the clean image and its ``noise_seed``, materialised once on disk by
 ``rcl-dist data simulate`` (DALI's random operators take one seed per operator, not per sample).
 
+Noise: ``simulated`` adds Eq. 8 noise to images taken as clean; ``none`` adds nothing: the files are
+real noisy photographs (a user's unlabelled set), both crops of a pre-training pair are cut from the one
+file, and the tasks that need a clean image to corrupt (``n2n``'s second realisation, ``jdd``,
+``jdensr``) or a stored realisation (``fixed``) are errors.
+
 Images smaller than the parent crop (or, for fine-tuning tasks, than the crop) are left out of the
 pipeline when it is built, with a warning that counts them; if none is left, building fails with an
 error naming the crop size and the largest image.
@@ -37,6 +42,7 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "REJECTS_SCHEMA",
     "TASKS",
+    "NOISE_KINDS",
     "TASK_KEYS",
     "PairSpec",
     "crop_geometry",
@@ -69,6 +75,7 @@ MANIFEST_SCHEMA = pa.schema(
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
 
 TASKS = ("pretrain", "n2n", "denoise", "sr", "jdensr", "jdd", "real")
+NOISE_KINDS = ("simulated", "none")
 
 # The keys of a batch for each task ([B, C, H, W] float32 tensors in [0, 1], noise unclipped).
 TASK_KEYS: dict[str, tuple[str, str]] = {
@@ -98,6 +105,7 @@ class PairSpec:
     split: str | None = "train"  # manifest rows of this split (None: all)
     gray: bool = False  # 1-channel images (grey data sets); else RGB
     scale: int = 2  # sr / jdensr factor
+    noise: str = "simulated"  # "simulated" (Eq. 8 on images taken as clean) or "none" (real noisy photographs)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -114,6 +122,16 @@ class PairSpec:
             raise ValueError("task 'jdd' needs raw='mosaic' or raw='packed'")
         if self.realisation not in ("fresh", "fixed"):
             raise ValueError(f"realisation must be 'fresh' or 'fixed', got {self.realisation!r}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
+        if self.noise == "none":
+            if self.task in ("n2n", "jdd", "jdensr"):
+                raise ValueError(f"task {self.task!r} corrupts a clean image; with noise='none' (real noisy photographs) "
+                                 "there is none: use a task that reads the noisy image itself (pretrain, denoise's input)")  # fmt: skip
+            if self.realisation == "fixed":
+                raise ValueError("realisation='fixed' reads stored simulated noise; with noise='none' the files are the noisy images")
+            if self.raw is not None:
+                raise ValueError("raw input is mosaicked from a clean RGB image before the noise; noise='none' has no clean image")
         if self.raw is not None and self.crop % 2:
             raise ValueError(f"RAW crops must have an even side, got {self.crop}")
         if self.task in ("sr", "jdensr") and self.crop % self.scale:

@@ -122,14 +122,24 @@ def _write_bundled(folder: Path, tile_size: int, gray: bool) -> Path:
 
 
 def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    """``data.manifest`` if given, else an index of ``data.source`` under $RCL_DIST_HOME/manifests."""
+    """``data.manifest`` if given, else an index of ``data.source`` under $RCL_DIST_HOME/manifests.
+
+    A manifest indexed as real noisy photographs (``data index --noise none``) trained with simulated
+    noise added on top, or the other way round, is refused: ``data.noise`` must say what the files are.
+    """
+    from rcl_dist.data.manifest import index_images, manifest_noise
+
     if cfg.data.manifest:
         path = Path(cfg.data.manifest).expanduser().resolve()  # workers run in another directory
         if not path.is_file():
             raise ConfigError(f"data.manifest: {path} does not exist (create it with `rcl-dist data index`)")
+        indexed = manifest_noise(path)
+        if indexed != cfg.data.noise:
+            what = {"none": "real noisy photographs (indexed with --noise none)", "simulated": "clean images (noise simulated in training)"}
+            raise ConfigError(f"data.manifest: {path} holds {what[indexed]}, but data.noise={cfg.data.noise}: set "
+                              f"data.noise={indexed}, or re-index the folder with --noise {cfg.data.noise}")  # fmt: skip
         return path
     from rcl_dist.data.images import shared_data_dir
-    from rcl_dist.data.manifest import index_images
 
     src = cfg.data.source
     gray = cfg.model.in_channels == 1
@@ -144,10 +154,11 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
         folder = Path(src)
     if not folder.is_dir():
         raise ConfigError(f"data.source: {folder} is not a folder")
-    out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}.parquet"
+    out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}{'-real' if cfg.data.noise == 'none' else ''}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler in ("uniform", "gaussian") else None
-    index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options, log=log)
+    index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options,
+                 noise=cfg.data.noise, log=log)  # fmt: skip
     return out
 
 

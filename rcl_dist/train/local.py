@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -81,7 +82,7 @@ def noise_probe(cfg: Config, images: list[np.ndarray], sampler: PairSampler, n: 
     set of ``n`` crops drawn once (its own generator, the training images' own noise parameters), so
     the values at successive log steps are comparable. What the paper's Fig. 2 caption says RCL
     contracts, for every method. None otherwise."""
-    if not cfg.loss.diagnostics or cfg.model.raw is not None:
+    if not cfg.loss.diagnostics or cfg.model.raw is not None or cfg.data.noise == "none":  # real noise is unknown
         return None
     gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
     fixed = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, params=sampler.params, generator=gen)
@@ -133,6 +134,9 @@ def load_images(cfg: Config) -> list[np.ndarray]:
     """The configured image source as [C, H, W] float32 arrays (tiled when ``data.tile`` > 0)."""
     d, gray = cfg.data, cfg.model.in_channels == 1
     if d.source == "bundled":
+        if d.noise == "none":
+            raise ValueError("data.noise=none uses the files as real noisy photographs, and the bundled images are "
+                             "clean: set data.source to a folder of noisy photographs, or data.noise=simulated")  # fmt: skip
         images = bundled_images(gray=gray)
     else:
         if d.source.startswith("shared:"):
@@ -142,7 +146,10 @@ def load_images(cfg: Config) -> list[np.ndarray]:
             folder = root / d.source.split(":", 1)[1]
         else:
             folder = d.source
-        images = [load_image(p, gray=gray) for p in list_images(folder)]
+        files = list_images(folder)
+        if d.noise == "none":  # the clean *_mean references of a real pair folder are not noisy photographs
+            files = [p for p in files if not Path(p).stem.endswith("_mean")]
+        images = [load_image(p, gray=gray) for p in files]
         if not images:
             raise FileNotFoundError(f"data.source={d.source!r}: no images in {folder}")
     if d.tile:
@@ -191,6 +198,7 @@ def train_local(
         if cfg.data.sampler in ("uniform", "gaussian")
         else None,
         generator=gen,
+        noise=cfg.data.noise,
     )
     model = build_model_from_config(cfg) if model is None else model
     if consistency == "from-config":

@@ -78,6 +78,7 @@ def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: tor
     """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
     raw = cfg.model.raw
     spec = PairSpec(
+        noise=cfg.data.noise,
         task=METHOD_TASK[cfg.loss.method],
         crop=cfg.data.crop,
         overlap=cfg.data.overlap,
