@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     den.add_argument("paths", nargs="+", metavar="PATH", help="inputs (files or folders), then the output folder or file")
     den.add_argument("--tile", type=int, default=256)
     den.add_argument("--overlap", type=int, default=32)
+    den.add_argument("--max-pixels", type=float, default=None,
+                     help="pixel budget per image, checked from the header before decoding "
+                          "(default: $RCL_DIST_MAX_PIXELS, else 2**26 = 67108864)")
+    den.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files that this command did not write (default: leave them, report them)")
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep: each trial pre-trains, proxy-fine-tunes and reports validation PSNR")
     sw.add_argument("space", type=Path, help="search space YAML (tune_spaces/*.yaml)")
@@ -287,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if len(args.paths) < 2:
                 raise ValueError("denoise needs at least one input and an output: rcl-dist denoise --model M IN OUT")
-            return main_denoise(args.model, args.paths[:-1], args.paths[-1], args.tile, args.overlap)
+            return main_denoise(
+                args.model, args.paths[:-1], args.paths[-1], args.tile, args.overlap, max_pixels=args.max_pixels,
+                overwrite=args.overwrite,
+            )
         elif args.command == "evaluate":
             from rcl_dist.evaluate import main_evaluate
 
