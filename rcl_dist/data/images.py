@@ -113,13 +113,18 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
-    with open(fd, "rb", closefd=True) as f:
+    try:
         st = os.fstat(fd)
         why = _not_regular(st.st_mode)
         if why:
             raise ValueError(why)
         if max_bytes is not None and st.st_size > max_bytes:
             raise ValueError(f"too large: the file has {st.st_size} bytes, over the {max_bytes} that the pixel budget allows")
+        f = open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
         raise ValueError(f"too large: the file grew past {max_bytes} bytes while being read")
