@@ -153,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pretrain(cfg, save: Path | None) -> None:
-    from rcl_dist.train.local import train_local
+def _pretrain(cfg, save: Path | None) -> int:
+    from rcl_dist.train.local import NonFiniteError, train_local
 
     print(
         f"pre-training {cfg.model.name} (width {cfg.model.width}, depth {cfg.model.depth}) with "
@@ -162,7 +162,11 @@ def _pretrain(cfg, save: Path | None) -> None:
         f"on {cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
         flush=True,
     )
-    model, history = train_local(cfg, log=lambda s: print(s, flush=True))
+    try:
+        model, history = train_local(cfg, log=lambda s: print(s, flush=True))
+    except NonFiniteError as e:  # the run's own failure, not a usage error: nothing is saved
+        print(f"rcl-dist: error: training stopped: {e}", file=sys.stderr)
+        return 1
     m = history.metrics
     if "dist_gap" in m:
         print(
@@ -180,6 +184,7 @@ def _pretrain(cfg, save: Path | None) -> None:
         # the one checkpoint format: `finetune --from`, `evaluate --model` and `denoise --model` read it
         written = save_checkpoint(save, model, cfg)
         print(f"weights written to {written}")
+    return 0
 
 
 def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])
             if args.local:
-                _pretrain(cfg, args.save)
+                return _pretrain(cfg, args.save)
             else:
                 from rcl_dist.demo import run_demo
 
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             cfg = load_config(args.config, args.overrides)
             if args.local:
-                _pretrain(cfg, args.save)
+                return _pretrain(cfg, args.save)
             else:
                 _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":

@@ -299,7 +299,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.width": (1, 1024, True, True),
     "model.depth": (1, 100, True, True),  # U-Net: at most 8, see ModelConfig.validate
     "model.in_channels": (1, 4, True, True),
-    "loss.temperature": (0.0, 100.0, False, True),
+    "loss.temperature": (1e-6, 100.0, True, True),  # below, -d/tau overflows float32 (tau 1e-45 is 0)
     "loss.alpha": (0.0, 1e6, True, True),
     "loss.alpha_ratio": (0.0, 1e6, False, True),
     "loss.quantiles": (2, 1 << 16, True, True),
