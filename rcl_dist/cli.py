@@ -8,7 +8,7 @@
     rcl-dist finetune --from CHECKPOINT|RUN|none --task T --mode proxy|full --labels N [--manifest M] [...]
     rcl-dist register --run FINETUNE_RUN_ID --name NAME [--eval-data DIR]
     rcl-dist promote --name NAME --version V [--alias champion] --eval-data DIR [--force]
-    rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT
+    rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT [--overwrite] [--max-pixels N]
     rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
     rcl-dist sweep tune_spaces/NAME.yaml [key=value ...] [--resume] [--out PREFIX]   Ray Tune sweep (pre-train -> proxy -> val PSNR)
 """
