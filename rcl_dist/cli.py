@@ -8,7 +8,7 @@
     rcl-dist finetune --from CHECKPOINT|RUN|none --task T --mode proxy|full --labels N [--manifest M] [...]
     rcl-dist register --run FINETUNE_RUN_ID --name NAME [--eval-data DIR]
     rcl-dist promote --name NAME --version V [--alias champion] --eval-data DIR [--force]
-    rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT
+    rcl-dist denoise --model models:/NAME@champion|CHECKPOINT IN [IN ...] OUT [--overwrite] [--max-pixels N]
     rcl-dist evaluate --model CHECKPOINT --data DIR --task denoise|gaussian|sr|jdensr|jdd|real [--out STEM]
     rcl-dist sweep tune_spaces/NAME.yaml [key=value ...] [--resume] [--out PREFIX]   Ray Tune sweep (pre-train -> proxy -> val PSNR)
 """
@@ -136,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     den.add_argument("paths", nargs="+", metavar="PATH", help="inputs (files or folders), then the output folder or file")
     den.add_argument("--tile", type=int, default=256)
     den.add_argument("--overlap", type=int, default=32)
+    den.add_argument("--max-pixels", type=float, default=None,
+                     help="pixel budget per image, checked from the header before decoding "
+                          "(default: $RCL_DIST_MAX_PIXELS, else 2**26 = 67108864)")
+    den.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files that this command did not write (default: leave them, report them)")
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep: each trial pre-trains, proxy-fine-tunes and reports validation PSNR")
     sw.add_argument("space", type=Path, help="search space YAML (tune_spaces/*.yaml)")
@@ -151,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pretrain(cfg, save: Path | None) -> None:
-    from rcl_dist.train.local import train_local
+def _pretrain(cfg, save: Path | None) -> int:
+    from rcl_dist.train.local import NonFiniteError, train_local
 
     print(
         f"pre-training {cfg.model.name} (width {cfg.model.width}, depth {cfg.model.depth}) with "
@@ -160,7 +165,11 @@ def _pretrain(cfg, save: Path | None) -> None:
         f"on {cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
         flush=True,
     )
-    model, history = train_local(cfg, log=lambda s: print(s, flush=True))
+    try:
+        model, history = train_local(cfg, log=lambda s: print(s, flush=True))
+    except NonFiniteError as e:  # the run's own failure, not a usage error: nothing is saved
+        print(f"rcl-dist: error: training stopped: {e}", file=sys.stderr)
+        return 1
     m = history.metrics
     if "dist_gap" in m:
         print(
@@ -178,6 +187,7 @@ def _pretrain(cfg, save: Path | None) -> None:
         # the one checkpoint format: `finetune --from`, `evaluate --model` and `denoise --model` read it
         written = save_checkpoint(save, model, cfg)
         print(f"weights written to {written}")
+    return 0
 
 
 def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])
             if args.local:
-                _pretrain(cfg, args.save)
+                return _pretrain(cfg, args.save)
             else:
                 from rcl_dist.demo import run_demo
 
@@ -268,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             cfg = load_config(args.config, args.overrides)
             if args.local:
-                _pretrain(cfg, args.save)
+                return _pretrain(cfg, args.save)
             else:
                 _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
@@ -291,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if len(args.paths) < 2:
                 raise ValueError("denoise needs at least one input and an output: rcl-dist denoise --model M IN OUT")
-            return main_denoise(args.model, args.paths[:-1], args.paths[-1], args.tile, args.overlap)
+            return main_denoise(
+                args.model, args.paths[:-1], args.paths[-1], args.tile, args.overlap, max_pixels=args.max_pixels,
+                overwrite=args.overwrite,
+            )
         elif args.command == "evaluate":
             from rcl_dist.evaluate import main_evaluate
 

@@ -2,7 +2,10 @@
 
 ``load_config(path, overrides)`` reads a YAML file (or nothing: the defaults), applies ``a.b=value``
 overrides and validates everything before any work starts: an unknown key or a bad value raises
-:class:`ConfigError` naming the key and what is allowed. ``Config.to_dict()`` is the plain dict that
+:class:`ConfigError` naming the key and what is allowed. Every numeric field has a finite range
+(:data:`RANGES`: NaN and infinities never pass), YAML documents are refused when their aliases expand
+to more than :data:`MAX_YAML_VALUES` values (a "billion laughs" bomb), and an error message shows at
+most a couple of hundred characters of a bad value (:func:`show_value`). ``Config.to_dict()`` is the plain dict that
 Ray's ``train_loop_config``, MLflow params and checkpoints store; ``Config.from_dict`` reads it back.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -28,6 +32,10 @@ __all__ = [
     "ConfigError",
     "load_config",
     "read_yaml_mapping",
+    "load_yaml_text",
+    "show_value",
+    "RANGES",
+    "MAX_YAML_VALUES",
 ]
 
 
@@ -55,6 +63,10 @@ class ModelConfig:
         _at_least("model.width", self.width, 1)
         _at_least("model.depth", self.depth, 1)
         _choice("model.in_channels", self.in_channels, (1, 3, 4))
+        if self.name == "unet" and self.depth > 8:  # channels double per level: width * 2**depth at the bottom
+            raise ConfigError(f"model.depth for the U-Net must be <= 8 (2**depth downsampling), got {self.depth!r}")
+        if self.name == "dncnn" and self.depth < 2:
+            raise ConfigError(f"model.depth for DnCNN must be >= 2 (first layer and head), got {self.depth!r}")
 
 
 @dataclass
@@ -101,9 +113,6 @@ class LossConfig:
         if self.method == "consistency" and self.encoder is None:
             raise ConfigError("loss.method 'consistency' needs loss.encoder")
         _at_least("loss.n2s_grid", self.n2s_grid, 2)
-        _at_least("loss.b2u_grid", self.b2u_grid, 2)
-        if not (isinstance(self.nb2nb_gamma, (int, float)) and math.isfinite(self.nb2nb_gamma) and self.nb2nb_gamma >= 0):
-            raise ConfigError(f"loss.nb2nb_gamma must be a finite number >= 0, got {self.nb2nb_gamma!r}")
 
 
 @dataclass
@@ -223,8 +232,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
-        for section in (self.model, self.loss, self.data, self.train, self.dist, self.tracking):
+        for name in ("model", "loss", "data", "train", "dist", "tracking"):
+            section = getattr(self, name)
             section.validate()
+            _check_ranges(name, section)
         if self.train.batch_size % self.dist.workers:
             raise ConfigError(
                 f"train.batch_size {self.train.batch_size} (global) must be divisible by dist.workers {self.dist.workers}"
@@ -258,7 +269,7 @@ class Config:
 
 def _section(cls: type, name: str, values: Any) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {name!r} must be a mapping, got {show_value(values)}")
     hints = get_type_hints(cls)
     unknown = set(values) - set(hints)
     if unknown:
@@ -286,28 +297,146 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         if t in (str, bool) and isinstance(value, t):
             return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+    raise ConfigError(f"{key} must be {names}, got {show_value(value)}")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {show_value(value)}")
 
 
 def _at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value!r}")
+        raise ConfigError(f"{key} must be >= {minimum}, got {show_value(value)}")
+
+
+# Every numeric field: (low, high, low included, high included). Finite bounds, so that NaN, +-inf and
+# values no run can use (train.steps=1e20, model.width=1e8) stop here, naming the key, and not hours
+# later inside a worker. Fields with a rule of their own (model.in_channels: a choice; data.overlap,
+# data.sigma_min <= data.sigma_max, train.warmup < train.steps) are checked in their section too.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "model.width": (1, 1024, True, True),
+    "model.depth": (1, 100, True, True),  # U-Net: at most 8, see ModelConfig.validate
+    "model.in_channels": (1, 4, True, True),
+    "loss.temperature": (1e-6, 100.0, True, True),  # below, -d/tau overflows float32 (tau 1e-45 is 0)
+    "loss.alpha": (0.0, 1e6, True, True),
+    "loss.alpha_ratio": (0.0, 1e6, False, True),
+    "loss.quantiles": (2, 1 << 16, True, True),
+    "loss.encoder_stage": (1, 5, True, True),
+    "loss.n2s_grid": (2, 64, True, True),
+    "loss.nb2nb_gamma": (0.0, 1e3, True, True),
+    "loss.b2u_grid": (2, 16, True, True),  # g*g forward passes per step
+    "data.tile": (0, 1 << 16, True, True),
+    "data.crop": (8, 4096, True, True),
+    "data.overlap": (0.0, 1.0, False, True),
+    "data.sigma_min": (0.0, 1.0, True, True),  # on the [0, 1] value scale: 1.0 is 255 on 0-255
+    "data.sigma_max": (0.0, 1.0, True, True),
+    "data.max_images": (0, 10**9, True, True),
+    "data.threads": (0, 256, True, True),
+    "train.steps": (1, 10**9, True, True),
+    "train.batch_size": (2, 1 << 16, True, True),
+    "train.lr": (0.0, 10.0, False, True),
+    "train.beta1": (0.0, 1.0, True, False),  # Adam's betas are in [0, 1)
+    "train.beta2": (0.0, 1.0, True, False),
+    "train.eps": (0.0, 1.0, False, True),
+    "train.grad_clip": (0.0, 1e6, False, True),
+    "train.warmup": (0, 10**9, True, True),
+    "train.seed": (0, 2**63 - 1, True, True),
+    "train.log_every": (1, 10**9, True, True),
+    "train.nonfinite_limit": (1, 10**6, True, True),
+    "dist.workers": (1, 4096, True, True),
+    "dist.cpus_per_worker": (0.0, 1024.0, False, True),
+    "dist.queue_size": (0, 10**6, True, True),
+    "dist.checkpoint_every": (1, 10**9, True, True),
+    "dist.max_failures": (-1, 10**6, True, True),
+}
+
+
+def _check_ranges(name: str, section: Any) -> None:
+    """Every int/float field of ``section`` against :data:`RANGES` (null is left to the section)."""
+    for f in dataclasses.fields(section):
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        if key not in RANGES:
+            raise ConfigError(f"{key}: numeric field without a range in rcl_dist.config.RANGES")  # a code error
+        lo, hi, lo_in, hi_in = RANGES[key]
+        ok = math.isfinite(value) and (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+        if not ok:
+            span = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ConfigError(f"{key} must be a finite number in {span}, got {show_value(value)}")
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxset = 3, 6, 6, 6, 6
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 80, 80, 40
+_MAX_SHOWN = 200
+
+
+def show_value(value: Any) -> str:
+    """``repr(value)`` cut short (nesting, list and string lengths bounded, at most 200 characters):
+    what an error message shows of a bad value, however large the value is."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+MAX_YAML_VALUES = 100_000  # values of one YAML document with every alias expanded where it is used
+
+
+def _expanded_size(value: Any, memo: dict[int, int], open_ids: set[int]) -> int:
+    """How many values ``value`` stands for once every alias is expanded (shared objects counted at each
+    use, each computed once); more than MAX_YAML_VALUES stops early. A self-containing value raises."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in open_ids:
+        raise ConfigError("a YAML alias refers to a value that contains it (a recursive structure)")
+    open_ids.add(key)
+    total = 1
+    for child in value.items() if isinstance(value, dict) else value:
+        parts = child if isinstance(value, dict) else (child,)
+        total += sum(_expanded_size(c, memo, open_ids) for c in parts)
+        if total > MAX_YAML_VALUES:
+            break
+    open_ids.discard(key)
+    memo[key] = total
+    return total
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` for configuration: a document whose aliases expand to more than
+    :data:`MAX_YAML_VALUES` values, a recursive alias or a too deeply nested document raise
+    :class:`ConfigError` naming ``where``; so does invalid YAML (its message cut short)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({show_value(str(e))[1:-1]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    try:
+        size = _expanded_size(value, {}, set())
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(
+            f"{where}: the YAML expands to more than {MAX_YAML_VALUES} values through its aliases "
+            "(*name references to &name anchors: a 'billion laughs' document?); write the values out"
+        )
+    return value
 
 
 def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str, Any]:
     """A YAML file holding a mapping (empty file: ``{}``); errors name the file: ``{path}: {what} not
     found``, ``not valid YAML (...)``, or ``{path}: {not_mapping}``."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = load_yaml_text(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -328,7 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw.setdefault(parts[0], {})
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"config section {parts[0]!r} must be a mapping")
-        raw[parts[0]][parts[1]] = yaml.safe_load(text) if text.strip() else None
+        raw[parts[0]][parts[1]] = load_yaml_text(text, f"override {key.strip()}") if text.strip() else None
     return Config.from_dict(raw)
 
 

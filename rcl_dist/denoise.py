@@ -29,21 +29,40 @@ Where outputs go
 with exactly one input file and an ``out`` that has an image suffix, ``out`` is the output file.
 Nothing is written when an output would resolve to an input file (``out`` is the input folder and the
 names are the same, or a link to it): the error says which file and asks for another ``out``; two
-inputs with the same output name are refused the same way. Outputs of an earlier run (files in
-``out`` that are not inputs) are replaced. Each output is written to a temporary name and renamed, so
-an interrupted run never leaves a half-written image.
+inputs with the same output name are refused the same way. Each output is written to a temporary name
+and renamed, so an interrupted run never leaves a half-written image.
+
+**The overwrite rule**: an existing file is replaced only if this command wrote it, in this run or an
+earlier one, and it has not changed since. Every output folder holds a record of what the command
+wrote there (:data:`OUTPUT_RECORD`, JSON: name -> size and modification time); an existing output
+that is not in the record, or no longer matches it (a user's own ``x.png``, a file edited since, a
+link), is left alone and reported as a failure of that input, naming the file; ``overwrite=True``
+(``--overwrite``) replaces it anyway. A missing or unreadable record means nothing is replaced.
+
+Hostile files
+-------------
+Every image goes through :func:`read_image`: regular files only (a FIFO, ``/dev/zero`` or a folder
+named ``.png`` is refused before a byte is read, see :func:`rcl_dist.data.images.read_regular_file`),
+at most :func:`rcl_dist.data.images.file_byte_limit` bytes, and at most the pixel budget
+(:func:`rcl_dist.data.images.pixel_budget`: ``max_pixels``, ``--max-pixels``, ``$RCL_DIST_MAX_PIXELS``,
+default 2**26) checked from the header before anything is decoded, for every format (PNG and TIFF
+headers read here, the others through Pillow's lazy ``Image.open``; Pillow's own
+``DecompressionBombError`` is reported the same way). The served model (:mod:`rcl_dist.registry`)
+decodes requests with the same function.
 
 Failures
 --------
-A file that cannot be read or decoded is reported on stderr (``denoise: cannot read ...``) and in the
-returned ``failed`` list; the other files are still done. Errors about the whole command (model not
-found, ``out`` refused, bad tile/overlap) raise ``ValueError`` / ``FileNotFoundError`` before any
-image is processed.
+A file that cannot be read or decoded, or is refused by the rules above, is reported on stderr
+(``denoise: [i/n] FILE: FAILED: reason``) and in the returned ``failed`` list; the other files are still
+done. Errors about the whole command (model not found, ``out`` refused, bad tile/overlap/budget) raise
+``ValueError`` / ``FileNotFoundError`` before any image is processed.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import struct
 import sys
@@ -55,7 +74,14 @@ from typing import Any
 
 import numpy as np
 
-from rcl_dist.data.images import IMAGE_SUFFIXES
+from rcl_dist.data.images import (
+    IMAGE_SUFFIXES,
+    check_pixels,
+    file_byte_limit,
+    pixel_budget,
+    read_regular_file,
+    show_path,
+)
 
 __all__ = [
     "decode_image_bytes",
@@ -70,6 +96,7 @@ __all__ = [
     "plan_outputs",
     "denoise_paths",
     "main_denoise",
+    "OUTPUT_RECORD",
 ]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,6 +104,7 @@ _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
 _PNG_CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}
 _KEEP_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff", ".bmp": ".bmp"}
+OUTPUT_RECORD = ".rcl-denoise-outputs.json"  # in every output folder: the files this command wrote there
 _MODEL_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/", "s3://", "gs://", "wasbs://", "hdfs://", "dbfs:/")
 
 
@@ -103,7 +131,7 @@ def _png_header(data: bytes) -> tuple[int, int, int, int, int]:
     return w, h, depth, ctype, interlace
 
 
-def _decode_png16(data: bytes) -> np.ndarray:
+def _decode_png16(data: bytes, budget: int) -> np.ndarray:
     """A 16-bit PNG as uint16 [H, W, C] with all 16 bits.
 
     Pillow maps 16-bit RGB/RGBA PNGs to 8-bit modes (keeping the high byte). Its zip decoder (inflate +
@@ -116,6 +144,7 @@ def _decode_png16(data: bytes) -> np.ndarray:
     from PIL import Image
 
     w, h, depth, ctype, interlace = _png_header(data)
+    check_pixels(w, h, budget)  # before the inflate allocates h x w x 8 bytes
     if depth != 16 or ctype not in _PNG_CHANNELS:
         raise ValueError(f"_decode_png16: not a 16-bit grey/RGB PNG (depth {depth}, colour type {ctype})")
     idat = b"".join(body for kind, body in _png_chunks(data) if kind == b"IDAT")
@@ -161,13 +190,17 @@ def _pil_to_array(im) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def _tiff_to_array(src: Any) -> np.ndarray:
+def _tiff_to_array(src: Any, budget: int) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(src) as tf:
         if not tf.series:
             raise ValueError("TIFF without images")
         series = tf.series[0]
+        dims = dict(zip(series.axes, series.shape))
+        pixels = math.prod(n for axis, n in zip(series.axes, series.shape) if axis != "S")  # every page counts
+        width = max(1, dims.get("X", 1))
+        check_pixels(width, -(-pixels // width), budget)  # from the tags, before any strip is decoded
         if str(getattr(series.pages[0], "photometric", "")).upper().endswith("PALETTE"):
             raise ValueError("palette TIFF images are not supported")
         axes, a = series.axes, series.asarray()
@@ -184,25 +217,36 @@ def _tiff_to_array(src: Any) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def decode_image_bytes(data: bytes) -> np.ndarray:
+def decode_image_bytes(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file's bytes to uint8 or uint16 [H, W, C] (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
 
     16-bit PNG and TIFF keep 16 bits; everything else Pillow reads (JPEG, BMP, 1-8-bit PNG, WebP, ...)
-    comes out as 8-bit. Raises ``ValueError`` for data that is not a readable image.
+    comes out as 8-bit. The header's width x height is checked against the pixel budget
+    (:func:`rcl_dist.data.images.pixel_budget` of ``max_pixels``) before anything is decoded. Raises
+    ``ValueError`` for data that is not a readable image or is over the budget.
     """
     from PIL import Image, UnidentifiedImageError
 
+    budget = pixel_budget(max_pixels)
     try:
-        if data[:8] == PNG_SIGNATURE and _png_header(data)[2] == 16:
-            a = _decode_png16(data)
+        png16 = False
+        if data[:8] == PNG_SIGNATURE:
+            w, h, depth, _ctype, _interlace = _png_header(data)
+            check_pixels(w, h, budget)  # every PNG: before Pillow's or our inflate
+            png16 = depth == 16
+        if png16:
+            a = _decode_png16(data, budget)
         elif data[:4] in _TIFF_SIGNATURES:
-            a = _tiff_to_array(io.BytesIO(data))
+            a = _tiff_to_array(io.BytesIO(data), budget)
         else:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                check_pixels(*im.size, budget)
                 im.load()
                 a = _pil_to_array(im)
     except ValueError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met in Image.open before our check
+        raise ValueError(f"too large: over the pixel budget of {budget} ({e})") from None
     except (OSError, UnidentifiedImageError, SyntaxError, EOFError, zlib.error, struct.error) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
     if a.ndim != 3 or a.shape[0] < 1 or a.shape[1] < 1:
@@ -210,17 +254,23 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     return a
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Read one image file as uint8/uint16 [H, W, C] keeping its bit depth (see :func:`decode_image_bytes`).
-    Raises ``ValueError`` naming the file when it cannot be read or decoded."""
+
+    Regular files only, size checked before reading, pixel budget checked from the header (see the
+    module docstring, "Hostile files"). Raises ``ValueError`` naming the file when it cannot be read,
+    is refused, or cannot be decoded."""
+    budget = pixel_budget(max_pixels)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path, max_bytes=file_byte_limit(budget))
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return decode_image_bytes(data)
+        raise ValueError(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: cannot read image: {e}") from None
+        raise ValueError(f"{show_path(path)}: cannot read image: {e}") from None
+    try:
+        return decode_image_bytes(data, max_pixels=budget)
+    except ValueError as e:
+        raise ValueError(f"{show_path(path)}: cannot read image: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -435,7 +485,7 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
             if not found:
                 missing.append((p, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
             files.extend(found)
-        elif p.is_file():
+        elif p.exists():  # a regular file, or a FIFO / device that read_image refuses with its reason
             files.append(p)
         else:
             missing.append((p, "no such file or folder"))
@@ -482,6 +532,58 @@ def plan_outputs(files: Sequence[Path], out: str | os.PathLike, *, single_file: 
     return pairs
 
 
+# ---------------------------------------------------------------------------------------------- the output record
+def _read_record(folder: Path) -> dict[str, dict[str, int]]:
+    """name -> {"size", "mtime_ns"} of the files this command wrote into ``folder`` ({} when there is no
+    readable record: then nothing there counts as written by this command)."""
+    try:
+        raw = json.loads(read_regular_file(folder / OUTPUT_RECORD, max_bytes=64 << 20))
+    except (OSError, ValueError):
+        return {}
+    files = raw.get("files") if isinstance(raw, dict) else None
+    return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+
+def _write_record(folder: Path, record: dict[str, dict[str, int]]) -> None:
+    tmp = folder / f".{OUTPUT_RECORD}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps({"written_by": "rcl-dist denoise", "files": record}, indent=1, sort_keys=True))
+        os.replace(tmp, folder / OUTPUT_RECORD)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _not_ours(dst: Path, records: dict[Path, dict[str, dict[str, int]]]) -> str | None:
+    """Why ``dst`` must not be replaced (None: it does not exist, or this command wrote it and it is
+    unchanged since). ``lstat``: a link planted at ``dst`` is a file of its own, not ours."""
+    try:
+        st = os.lstat(dst)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{show_path(dst)}: cannot check the existing file ({e.strerror or e}); not replaced"
+    folder = dst.parent
+    if folder not in records:
+        records[folder] = _read_record(folder)
+    entry = records[folder].get(dst.name)
+    if entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return None
+    why = "changed since rcl-dist denoise wrote it" if entry is not None else "not written by rcl-dist denoise"
+    return (
+        f"{show_path(dst)} already exists and was {why}; not replaced "
+        "(pass --overwrite to replace it, or choose another output)"
+    )
+
+
+def _remember(dst: Path, records: dict[Path, dict[str, dict[str, int]]]) -> None:
+    folder = dst.parent
+    record = records.setdefault(folder, _read_record(folder))
+    st = os.stat(dst)
+    record[dst.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    _write_record(folder, record)
+
+
 # ---------------------------------------------------------------------------------------------- the command
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -497,16 +599,20 @@ def denoise_paths(
     progress: bool = True,
     tracking_uri: str | None = None,
     device: str | None = None,
+    max_pixels: int | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
     """Restore image files and folders ``inputs`` into ``out`` with a model (checkpoint or MLflow URI).
 
     Returns ``(done, failed)``: ``done`` = [(input, output written)], ``failed`` = [(input, reason)]
-    for files that could not be read, decoded or written (the others are still done) and for inputs
-    that do not exist or hold no images. ``progress``: one line per file on stderr (``[i/n] name ->
-    output (HxW, 16-bit, seconds)``). See the module docstring for formats, bit depth and the
-    overwrite rules. Raises ``ValueError``/``FileNotFoundError`` for problems of the whole command
-    (checked before any image is processed): bad tile/overlap, an output that would overwrite an input,
-    a model that cannot be loaded.
+    for files that could not be read, decoded or written, or whose output exists and was not written
+    by this command (the others are still done), and for inputs that do not exist or hold no images.
+    ``progress``: one line per file on stderr (``[i/n] name -> output (HxW, 16-bit, seconds)``).
+    ``max_pixels``: the pixel budget per image (None: ``$RCL_DIST_MAX_PIXELS`` or the default);
+    ``overwrite``: replace existing outputs this command did not write. See the module docstring for
+    formats, bit depth and the overwrite rule. Raises ``ValueError``/``FileNotFoundError`` for problems
+    of the whole command (checked before any image is processed): bad tile/overlap/budget, an output
+    that would overwrite an input, a model that cannot be loaded.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -516,6 +622,7 @@ def denoise_paths(
         raise ValueError(f"tile must be an integer >= 8, got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
         raise ValueError(f"overlap must be an integer in [0, tile={tile}), got {overlap!r}")
+    budget = pixel_budget(max_pixels)
     files, failed, any_folder = _expand_inputs(inputs)
     out_p = Path(out)
     single = (
@@ -523,8 +630,13 @@ def denoise_paths(
         and out_p.suffix.lower() in IMAGE_SUFFIXES and not out_p.is_dir()
     )  # fmt: skip
     pairs = plan_outputs(files, out_p, single_file=single) if files else []
+    records: dict[Path, dict[str, dict[str, int]]] = {}
+    if not overwrite:  # refused before the model is loaded; checked again just before each write
+        refused = {src: why for src, dst in pairs if (why := _not_ours(dst, records))}
+        failed += list(refused.items())
+        pairs = [(src, dst) for src, dst in pairs if src not in refused]
     for p, reason in failed:
-        _say(f"denoise: {p}: {reason}")
+        _say(f"denoise: {show_path(p)}: {reason}")
     if not pairs:
         return [], failed
 
@@ -534,19 +646,23 @@ def denoise_paths(
     for i, (src, dst) in enumerate(pairs, 1):
         t0 = time.perf_counter()
         try:
-            img = read_image(src)
+            img = read_image(src, max_pixels=budget)
             restored = from_float(restore_array(model, to_float(img), tile=tile, overlap=overlap), img.dtype)
+            why = None if overwrite else _not_ours(dst, records)  # a file that appeared meanwhile
+            if why:
+                raise ValueError(why)
             write_image(dst, restored)
-        except (OSError, ValueError) as e:
-            reason = str(e)
+            _remember(dst, records)
+        except (OSError, ValueError, MemoryError) as e:
+            reason = str(e) if not isinstance(e, MemoryError) else "out of memory while restoring it (lower --max-pixels or --tile)"
             failed.append((src, reason))
-            _say(f"denoise: [{i}/{n}] {src}: FAILED: {reason}")
+            _say(f"denoise: [{i}/{n}] {show_path(src)}: FAILED: {reason}")
             continue
         done.append((src, dst))
         if progress:
             h, w = img.shape[:2]
             bits = 8 * img.dtype.itemsize
-            _say(f"denoise: [{i}/{n}] {src.name} -> {dst} ({w}x{h}, {bits}-bit, {time.perf_counter() - t0:.1f} s)")
+            _say(f"denoise: [{i}/{n}] {show_path(src.name)} -> {show_path(dst)} ({w}x{h}, {bits}-bit, {time.perf_counter() - t0:.1f} s)")
     return done, failed
 
 
@@ -560,17 +676,20 @@ def main_denoise(
     tracking_uri: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    max_pixels: int | None = None,
+    overwrite: bool = False,
 ) -> int:
-    """``rcl-dist denoise --model MODEL INPUT... --out OUT [--tile N] [--overlap N]``.
+    """``rcl-dist denoise --model MODEL INPUT... OUT [--tile N] [--overlap N] [--max-pixels N] [--overwrite]``.
 
     Returns 0 when every input was restored, 1 when some (or all) files failed (each failure is
     printed on stderr with its reason; the others are written). Problems of the whole command raise
     ``ValueError``/``FileNotFoundError`` (the CLI prints them and exits with 2).
     """
     done, failed = denoise_paths(
-        model, list(inputs), out, tile=tile, overlap=overlap, progress=progress, tracking_uri=tracking_uri, device=device
-    )
-    print(f"denoised {len(done)} file(s) into {out}" + (f"; {len(failed)} failed:" if failed else ""))
+        model, list(inputs), out, tile=tile, overlap=overlap, progress=progress, tracking_uri=tracking_uri, device=device,
+        max_pixels=max_pixels, overwrite=overwrite,
+    )  # fmt: skip
+    print(f"denoised {len(done)} file(s) into {show_path(out)}" + (f"; {len(failed)} failed:" if failed else ""))
     for p, reason in failed:
-        print(f"  {p}: {reason}")
+        print(f"  {show_path(p)}: {reason}")
     return 0 if done and not failed else 1

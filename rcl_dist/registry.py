@@ -19,7 +19,11 @@ Input: a DataFrame with one string column ``image``; each row one image file, ba
 string column ``image``, one row per input row: the restored image as a base64 PNG with the input's
 bit depth (8 -> 8, 16 -> 16) and channels (alpha passed through), the same size for a denoiser (x2 for
 an SR model). Served as ``{"predictions": [{"image": "<base64 PNG>"}, ...]}``. A row that is not a
-readable image is an ``INVALID_PARAMETER_VALUE`` error (HTTP 400) naming the row.
+readable image is an ``INVALID_PARAMETER_VALUE`` error (HTTP 400) naming the row, and so is an image over
+the pixel budget (``$RCL_DIST_MAX_PIXELS`` of the serving process, default 2**26 pixels: checked from the
+header before decoding, see :func:`rcl_dist.data.images.pixel_budget`; lower it for a public server, a
+request costs about 70 bytes a pixel). Any other failure is a short ``INTERNAL_ERROR`` (HTTP 500) naming
+the row, with the traceback in the server's log only: no response body carries Python internals.
 
 In process, :meth:`DenoiserModel.predict` also takes a numpy array, ``[H, W, C]`` or ``[N, H, W, C]``
 (C 1-4), float in [0, 1] (or uint8/uint16), and returns an array of the same kind and dtype. The
@@ -61,6 +65,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import subprocess
@@ -100,6 +105,7 @@ RUNTIME_DISTRIBUTIONS = (
     "pillow", "tifffile",
 )  # fmt: skip
 _MAX_TAG = 5000  # MLflow's limit for model version tag values
+_log = logging.getLogger(__name__)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -112,8 +118,14 @@ def encode_image_b64(img: np.ndarray) -> str:
 
 
 def decode_image_b64(text: str | bytes) -> np.ndarray:
-    """base64 of an image file (or the raw file bytes) -> uint8/uint16 [H, W, C]; ValueError if unreadable."""
+    """base64 of an image file (or the raw file bytes) -> uint8/uint16 [H, W, C]; ValueError if unreadable
+    or over the pixel budget (the text's length is checked before it is decoded, the header before pixels)."""
+    from rcl_dist.data.images import file_byte_limit, pixel_budget
     from rcl_dist.denoise import PNG_SIGNATURE, decode_image_bytes
+
+    limit = file_byte_limit(pixel_budget())
+    if isinstance(text, (str, bytes, bytearray)) and len(text) > limit * 4 // 3 + 4:
+        raise ValueError(f"too large: {len(text)} characters, more than a file within the pixel budget can need ({limit} bytes)")
 
     raw_file = isinstance(text, (bytes, bytearray)) and (
         bytes(text[:8]) == PNG_SIGNATURE or bytes(text[:2]) in (b"II", b"MM", b"\xff\xd8", b"BM")
@@ -210,8 +222,17 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
                 img = decode_image_b64(value)
             except ValueError as e:
                 raise _bad_input(f"row {i}: cannot decode the image: {e}") from None
-            restored = from_float(self._restore(to_float(img), tile, overlap), img.dtype)
-            results.append(encode_image_b64(restored))
+            except Exception as e:  # a decoder's own error type: still the input's fault, not a crash
+                _log.exception("row %d: decoding failed", i)
+                raise _bad_input(f"row {i}: cannot decode the image ({type(e).__name__})") from None
+            try:
+                restored = from_float(self._restore(to_float(img), tile, overlap), img.dtype)
+                results.append(encode_image_b64(restored))
+            except MemoryError:
+                raise _server_error(f"row {i}: out of memory restoring a {img.shape[1]}x{img.shape[0]} image") from None
+            except Exception:  # the traceback goes to the server log, not to the client
+                _log.exception("row %d: restoring failed", i)
+                raise _server_error(f"row {i}: internal error while restoring the image (details in the server log)") from None
         return pd.DataFrame({"image": results})
 
 
@@ -220,6 +241,13 @@ def _bad_input(message: str):
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _server_error(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    return MlflowException(message, error_code=INTERNAL_ERROR)
 
 
 def model_signature(tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):

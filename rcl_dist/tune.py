@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from rcl_dist.config import Config, ConfigError, read_yaml_mapping
+from rcl_dist.config import Config, ConfigError, load_yaml_text, read_yaml_mapping
 
 __all__ = ["SweepSpace", "Param", "load_space", "run_sweep", "SweepResult", "trial_config"]
 
@@ -236,7 +236,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str)
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. trials=4 or loss.alpha=0.01)")
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml_text(text, f"override {key}") if text.strip() else None
         parts = key.split(".")
         if parts[0] in sections:
             if len(parts) != 2:

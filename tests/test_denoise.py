@@ -15,6 +15,7 @@ from PIL import Image
 
 from rcl_dist.config import Config
 from rcl_dist.denoise import (
+    OUTPUT_RECORD,
     decode_image_bytes,
     denoise_paths,
     encode_png,
@@ -187,7 +188,7 @@ def test_unreadable_file_reported_and_rest_done(ckpt, tmp_path, capsys):
     assert "broken.png" in captured.err and "cannot read" in captured.err
     assert "missing.png" in captured.err and "no such file" in captured.err
     assert "2 failed" in captured.out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok0.png", "ok1.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "ok0.png", "ok1.png"]
     done, failed = denoise_paths(ckpt, [src], tmp_path / "out2", progress=False)
     assert len(done) == 2 and [(p.name, "cannot read" in r) for p, r in failed] == [("broken.png", True)]
 

@@ -1,18 +1,135 @@
 """Image sources: files in folders, the project's shared image sets, and images bundled with scikit-image.
 
 Everything returns float32 arrays [C, H, W] in [0, 1] (RGB C=3 or grey C=1).
+
+Also the checks every image reader shares (:func:`read_regular_file`, :func:`pixel_budget`,
+:func:`check_pixels`, :func:`show_path`):
+
+* **Regular files only.** A FIFO named ``.png`` would block ``open()`` forever and a link to
+  ``/dev/zero`` would be read without end, so a file is opened non-blocking and its *open descriptor*
+  is checked with ``fstat`` (no window between the check and the read), and its size is checked
+  before a byte is read.
+* **The pixel budget**: at most :func:`pixel_budget` pixels per image (default
+  :data:`DEFAULT_PIXEL_BUDGET`, 2**26 = 67 M; ``$RCL_DIST_MAX_PIXELS`` or ``--max-pixels``), checked
+  from the file's header before anything is decoded. Restoring one image costs about 70 bytes a pixel
+  (decoded copy, float copies, the tiled output), so the default caps one request near 5 GB; lower it
+  for a server. Files larger than an uncompressed image of the budget (:func:`file_byte_limit`) are
+  refused unread.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_image", "list_images", "bundled_images", "shared_data_dir", "tile", "IMAGE_SUFFIXES"]
+__all__ = [
+    "load_image",
+    "list_images",
+    "bundled_images",
+    "shared_data_dir",
+    "tile",
+    "IMAGE_SUFFIXES",
+    "DEFAULT_PIXEL_BUDGET",
+    "MAX_PIXELS_ENV",
+    "pixel_budget",
+    "check_pixels",
+    "file_byte_limit",
+    "read_regular_file",
+    "show_path",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_PIXEL_BUDGET = 2**26  # 67 M pixels: a 50-megapixel camera frame fits, a 100000^2 header does not
+MAX_PIXELS_ENV = "RCL_DIST_MAX_PIXELS"
+_MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA: the largest uncompressed pixel a reader accepts
+_HEADER_SLACK_BYTES = 16 << 20  # metadata beside the pixels (EXIF, ICC profiles, camera previews)
+
+
+# ---------------------------------------------------------------------------------------------- shared checks
+def show_path(path: str | os.PathLike | bytes) -> str:
+    """``path`` as text that can always be printed and stored: bytes that are not UTF-8 (held as
+    surrogates by ``os.listdir``/``os.walk``) and control characters become ``\\xNN`` escapes."""
+    text = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in text)
+
+
+def pixel_budget(max_pixels: int | None = None) -> int:
+    """The most pixels (width x height) one image may have: ``max_pixels`` when given, else
+    ``$RCL_DIST_MAX_PIXELS`` (a whole number, ``64000000`` or ``64e6``), else :data:`DEFAULT_PIXEL_BUDGET`."""
+    where = "max_pixels"
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_PIXEL_BUDGET
+        where = f"${MAX_PIXELS_ENV}"
+        try:
+            max_pixels = float(text)
+        except ValueError:
+            raise ValueError(f"{where} must be a whole number of pixels >= 1, got {text[:40]!r}") from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, float)):
+        raise ValueError(f"{where} must be a whole number of pixels >= 1, got {type(max_pixels).__name__}")
+    if not (math.isfinite(max_pixels) and max_pixels >= 1 and max_pixels == int(max_pixels)):
+        raise ValueError(f"{where} must be a whole number of pixels >= 1, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def check_pixels(width: int, height: int, budget: int) -> None:
+    """``ValueError`` when a header's ``width x height`` is over ``budget`` (see :func:`pixel_budget`)."""
+    if width * height > budget:
+        raise ValueError(
+            f"too large: {width}x{height} = {width * height} pixels, over the pixel budget of {budget} "
+            f"(raise it with ${MAX_PIXELS_ENV} or --max-pixels)"
+        )
+
+
+def file_byte_limit(budget: int) -> int:
+    """The largest image file accepted under a pixel budget: the budget's pixels uncompressed at the
+    widest sample format read (16-bit RGBA), plus room for metadata."""
+    return budget * _MAX_BYTES_PER_PIXEL + _HEADER_SLACK_BYTES
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}); only regular image files are read"
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed), read once.
+
+    The file is opened with ``O_NONBLOCK`` (opening a FIFO does not wait for a writer) and the open
+    descriptor is checked: anything but a regular file (FIFO, device such as ``/dev/zero``, folder,
+    socket) raises ``ValueError`` before a byte is read, and so does a size over ``max_bytes``.
+    ``OSError`` (missing file, no permission, a link loop) is raised as it comes.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        why = _not_regular(st.st_mode)
+        if why:
+            raise ValueError(why)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ValueError(f"too large: the file has {st.st_size} bytes, over the {max_bytes} that the pixel budget allows")
+        f = open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
+        raise ValueError(f"too large: the file grew past {max_bytes} bytes while being read")
+    return data
+
 
 # Natural photographs that ship inside scikit-image (no download): the offline fallback data set.
 _BUNDLED_RGB = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
@@ -41,9 +158,15 @@ def _to_chw_float(img: np.ndarray, gray: bool | None = None) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike, gray: bool | None = None) -> np.ndarray:
-    """Read one image file; a file that cannot be decoded raises ValueError naming it."""
+    """Read one image file; a file that cannot be decoded, or is not a regular file, raises ValueError naming it."""
     from skimage import io
 
+    try:
+        why = _not_regular(os.stat(path).st_mode)
+    except OSError as e:
+        raise ValueError(f"{show_path(path)}: cannot read image ({type(e).__name__}: {e.strerror or e})") from None
+    if why:  # a FIFO would block imageio's open() forever, /dev/zero would be read without end
+        raise ValueError(f"{show_path(path)}: {why}")
     try:
         img = io.imread(os.fspath(path))
     except Exception as e:  # decoders raise many types; the caller needs the file name

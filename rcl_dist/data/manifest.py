@@ -18,7 +18,9 @@ Validation (each failure is a rejects row, ``"<category>: <detail>"``; indexing 
 * ``not an image``: no decoder recognises the content (e.g. a text file named ``.png``);
 * ``unsupported``: an image, but not one the pipelines read: a format other than PNG, JPEG, TIFF or
   BMP (e.g. a GIF named ``.png``), a multi-page TIFF, a 1-bit image, samples other than 8 or 16 bits
-  (4-bit grey PNG, 32-bit integer or float TIFF), or an unknown colour mode;
+  (4-bit grey PNG, 32-bit integer or float TIFF), or an unknown colour mode; or a file whose path is
+  not valid UTF-8 (the manifest stores paths as UTF-8 text): its rejects row shows the name with
+  ``\\xNN`` escapes (:func:`rcl_dist.data.images.show_path`), and the other files are indexed;
 * ``too large``: the header declares more than ``max_pixels`` pixels; checked from the header
   *before* decoding (Pillow's decompression-bomb error becomes this rejection too);
 * ``too small``: a side is below ``min_side`` (default 2: the smallest image that has a full RGGB
@@ -59,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, load_image
+from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, load_image, read_regular_file, show_path
 from rcl_dist.data.spec import MANIFEST_SCHEMA, NOISE_KINDS, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
 
 __all__ = [
@@ -227,6 +229,14 @@ def _list_files(folders: Sequence[tuple[str, str | None]], rejects: dict[str, st
                 if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                     continue
                 path = os.path.join(dirpath, name)
+                try:
+                    path.encode("utf-8")
+                except UnicodeEncodeError:  # undecodable bytes, held as surrogates: Parquet cannot store it
+                    rejects[show_path(path)] = (
+                        f"{UNSUPPORTED}: the file name is not valid UTF-8 (shown here with \\x escapes); "
+                        "rename it to index it"
+                    )
+                    continue
                 if path in found and found[path][0] > depth:
                     continue
                 entry = _Entry(path, split)
@@ -246,9 +256,10 @@ def _list_files(folders: Sequence[tuple[str, str | None]], rejects: dict[str, st
 
 
 def _read_file(path: str) -> bytes:
-    """The file's bytes (one read: hashed and decoded from memory). Tests patch this to simulate EACCES."""
-    with open(path, "rb") as f:
-        return f.read()
+    """The file's bytes (one read: hashed and decoded from memory), regular files only, checked on the
+    open descriptor: a file swapped for a FIFO after the listing cannot block the run
+    (:func:`rcl_dist.data.images.read_regular_file`). Tests patch this to simulate EACCES."""
+    return read_regular_file(path)
 
 
 def _bit_depth(im: Any, data: bytes) -> int:
@@ -276,6 +287,8 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any] |
         data = _read_file(path)
     except OSError as e:
         return f"{UNREADABLE}: cannot open ({type(e).__name__}: {e.strerror or e})"
+    except ValueError as e:  # not a regular file
+        return f"{UNREADABLE}: {e}"
     if not data:
         return f"{ZERO_BYTE}: the file is empty (0 bytes)"
     sha = hashlib.sha256(data).hexdigest()

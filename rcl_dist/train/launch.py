@@ -82,6 +82,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         raise RuntimeError(f"local Ray started on {node_ip}, not on loopback 127.0.0.1")
 
 
+def _ray_is_local() -> bool:
+    """Whether Ray Train's workers run on this machine: a local Ray, running or about to be started
+    by :func:`ensure_ray` (no ``RAY_ADDRESS``, no cluster answering on this node)."""
+    import ray
+
+    if ray.is_initialized():
+        return all(n.get("NodeManagerAddress") == "127.0.0.1" for n in ray.nodes())
+    return not os.environ.get("RAY_ADDRESS") and _running_cluster() is None
+
+
 def check_gpus(needed: int, key: str) -> None:
     """Fail early when ``key`` asks for ``needed`` GPUs that the Ray cluster cannot give.
 
@@ -211,6 +221,10 @@ def run_pretrain(
     if not resume and run_dir.exists():
         raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
 
+    if not cfg.dist.use_gpu and _ray_is_local():  # the workers share this machine's memory
+        from rcl_dist.train.local import check_memory
+
+        check_memory(cfg, workers=cfg.dist.workers)
     # Ray first: a request it cannot meet fails here, before any run or folder is created
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")

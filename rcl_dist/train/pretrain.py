@@ -26,10 +26,12 @@ from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.io import CHECKPOINT_FILE
 from rcl_dist.train.schedule import lr_factor
 from rcl_dist.train.local import (
+    NonFiniteGuard,
     build_consistency_from_config,
     build_model_from_config,
     build_objective_from_config,
     calibrate_alpha,
+    check_finite_weights,
     gradient_diagnostics,
 )
 
@@ -136,30 +138,6 @@ def _distance_matrix(model: nn.Module, objective: nn.Module, batch: dict[str, to
         return None
     s_q, s_k = contrastive.sketch(model.residual(batch["q"])), contrastive.sketch(model.residual(batch["k"]))
     return contrastive.distance_matrix(s_q, s_k).float().cpu()
-
-
-class NonFiniteGuard:
-    """Skip steps whose loss is not finite; stop after ``limit`` in a row with a clear error.
-
-    ``check(finite, step)`` returns True when the step must be skipped. The error leaves the run's
-    last good checkpoint in place (Ray keeps it), from which ``--resume`` continues.
-    """
-
-    def __init__(self, limit: int, skipped: int = 0) -> None:
-        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
-
-    def check(self, finite: bool, step: int) -> bool:
-        if finite:
-            self.in_a_row = 0
-            return False
-        self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            raise RuntimeError(
-                f"{self.in_a_row} non-finite losses in a row at step {step} (train.nonfinite_limit={self.limit}); "
-                "the last good checkpoint is kept: lower train.lr or set train.grad_clip, then resume"
-            )
-        return True
 
 
 def worker_setup() -> tuple[int, int, torch.device]:
@@ -350,6 +328,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint = None
             with tempfile.TemporaryDirectory() as tmp:
                 if step % cfg.dist.checkpoint_every == 0 or step == cfg.train.steps:
+                    check_finite_weights(inner, step)  # every rank (same weights): never checkpoint NaN weights
                     if rank == 0:
                         torch.save(
                             {
