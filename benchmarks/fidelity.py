@@ -1104,7 +1104,7 @@ class Harness:
         name = self._run_name(cell)
         out_dir = self.work / "checkpoints" / _slug(cell.key.replace("|", "-"))
         if self.preset.finetune_engine == "ray":
-            from rcl_dist.train.finetune import run_finetune
+            from rcl_dist.train.finetune_ray import run_finetune
             from rcl_dist.train.launch import rcl_home
 
             start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
@@ -1183,7 +1183,8 @@ class Harness:
         from rcl_dist.models.io import load_checkpoint
         from rcl_dist.losses.diagnostics import residual_noise_distances
         from rcl_dist.tracking import FIG2_ARTIFACT, pos_neg_from_distance_matrix
-        from rcl_dist.train.local import build_model_from_config, build_objective_from_config
+        from rcl_dist.models.factory import build_model_from_config
+        from rcl_dist.train.local import build_objective_from_config
         from rcl_dist.train.pretrain import _distance_matrix
 
         ckpt = self._checkpoint_of(cell.source)

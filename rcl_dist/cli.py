@@ -209,7 +209,8 @@ def _finetune(args) -> None:
     import json
 
     from rcl_dist.config import load_config
-    from rcl_dist.train.finetune import FinetuneSpec, run_finetune
+    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_ray import run_finetune
     from rcl_dist.train.launch import RUN_STATE, rcl_home
 
     source, manifest = args.source, args.manifest

@@ -672,3 +672,36 @@ def main_evaluate(
         write_results([summary], stem.with_name(stem.name + "_summary"))
         print(f"results: {paths['parquet']}, {paths['json']}, {paths['md']}")
     return 0 if rows else 1
+
+
+def restore_array(model: Any, img: np.ndarray, *, tile: int = 256, overlap: int = 32) -> np.ndarray:
+    """Restore one float image [H, W, C] (C 1-4, values in [0, 1]) with ``model`` (a Restorer), tiled.
+
+    Returns float32 [s*H, s*W, C] clipped to [0, 1] (s: the model's output/input scale, 1 for
+    denoisers). Alpha (C = 2 or 4) is passed through (repeated s x s when s > 1); grey/RGB
+    mismatches with the model are handled as the module docstring says.
+    """
+    a = np.asarray(img, dtype=np.float32)
+    if a.ndim != 3 or not 1 <= a.shape[-1] <= 4:
+        raise ValueError(f"expected an image [H, W, C] with C in 1..4, got shape {a.shape}")
+    if getattr(model, "raw", None) is not None:
+        raise ValueError(f"a RAW-input model (raw={model.raw!r}) cannot restore RGB/grey images")
+    c = a.shape[-1]
+    colour = a[..., :3] if c >= 3 else a[..., :1]
+    alpha = a[..., 3:] if c == 4 else (a[..., 1:] if c == 2 else None)
+    x = torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))[None]  # [1, c, H, W]
+    gray_model = model_gray(model)
+    scale = model_scale(model)
+    if x.shape[1] == 1 and not gray_model:
+        y = tiled_restore(model, x.expand(1, 3, *x.shape[-2:]), tile=tile, overlap=overlap, scale=scale)
+        y = y.mean(dim=1, keepdim=True)
+    elif x.shape[1] == 3 and gray_model:
+        y = tiled_restore(model, x.transpose(0, 1), tile=tile, overlap=overlap, scale=scale).transpose(0, 1)
+    else:
+        y = tiled_restore(model, x, tile=tile, overlap=overlap, scale=scale)
+    out = y[0].clamp(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
+    if alpha is not None:
+        if scale > 1:
+            alpha = np.repeat(np.repeat(alpha, scale, axis=0), scale, axis=1)
+        out = np.concatenate([out, alpha], axis=-1)
+    return np.ascontiguousarray(out, dtype=np.float32)

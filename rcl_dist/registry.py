@@ -34,7 +34,7 @@ registered signature is the DataFrame one (what the server needs), and MLflow's 
 Registering (:func:`register`)
 ------------------------------
 The fine-tuned checkpoint is the ``checkpoint/state.pt`` artifact of the fine-tuning run
-(:func:`rcl_dist.train.finetune.run_finetune`). The model is logged in a **new run** in the fine-tuning
+(:func:`rcl_dist.train.finetune_ray.run_finetune`). The model is logged in a **new run** in the fine-tuning
 run's experiment, nested under it (tag ``mlflow.parentRunId``), named ``register-<name>``, not in the
 fine-tuning run itself: that run stays as training left it (status, end time, artifacts), each
 registration (with its own evaluation) is a run of its own, and the UI shows it under the training run.
@@ -112,7 +112,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------------------------- images <-> base64
 def encode_image_b64(img: np.ndarray) -> str:
     """uint8/uint16 [H, W, C] -> base64 (ASCII) of its PNG, same bit depth."""
-    from rcl_dist.denoise import encode_png
+    from rcl_dist.data.codec import encode_png
 
     return base64.b64encode(encode_png(img)).decode("ascii")
 
@@ -121,7 +121,7 @@ def decode_image_b64(text: str | bytes) -> np.ndarray:
     """base64 of an image file (or the raw file bytes) -> uint8/uint16 [H, W, C]; ValueError if unreadable
     or over the pixel budget (the text's length is checked before it is decoded, the header before pixels)."""
     from rcl_dist.data.images import file_byte_limit, pixel_budget
-    from rcl_dist.denoise import PNG_SIGNATURE, decode_image_bytes
+    from rcl_dist.data.codec import PNG_SIGNATURE, decode_image_bytes
 
     limit = file_byte_limit(pixel_budget())
     if isinstance(text, (str, bytes, bytearray)) and len(text) > limit * 4 // 3 + 4:
@@ -186,7 +186,7 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         return tile, overlap
 
     def _restore(self, img: np.ndarray, tile: int, overlap: int) -> np.ndarray:
-        from rcl_dist.denoise import restore_array
+        from rcl_dist.evaluate import restore_array
 
         if self.model is None:
             raise RuntimeError("DenoiserModel: load_context has not run (load it with mlflow.pyfunc.load_model)")
@@ -198,7 +198,7 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
 
         The annotation names the served contract (a DataFrame; MLflow then neither warns nor infers a
         schema from it); arrays are accepted too when this method is called directly."""
-        from rcl_dist.denoise import from_float, to_float
+        from rcl_dist.data.codec import from_float, to_float
 
         tile, overlap = self._settings(params)
         if isinstance(model_input, np.ndarray):

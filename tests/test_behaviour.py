@@ -13,7 +13,8 @@ import torch
 from rcl_dist.config import load_config
 from rcl_dist.data.reference import PairSampler
 from rcl_dist.losses.contrastive import ResidualContrastiveLoss, pair_distance_stats
-from rcl_dist.train.local import build_model_from_config, load_images, train_local
+from rcl_dist.models.factory import build_model_from_config
+from rcl_dist.train.local import load_images, train_local
 
 SMALL = ["model.width=16", "model.depth=3", "data.crop=32", "data.tile=64", "train.batch_size=16", "train.log_every=5"]
 

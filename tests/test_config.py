@@ -70,7 +70,7 @@ def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
     import torch
 
     from rcl_dist.models.io import load_checkpoint, save_checkpoint
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
 
     cfg = load_config(None, ["model.width=4", "model.depth=1", "model.global_residual=false"])
     model = build_model_from_config(cfg)
@@ -86,7 +86,7 @@ def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
 @pytest.mark.parametrize("method, skip", [("rcl", False), ("consistency", False), ("supervised", True), ("n2n", True), ("n2s", True)])
 def test_auto_global_residual_follows_the_method_and_an_explicit_setting_wins(method, skip):
     from rcl_dist.config import global_residual_of
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
 
     small = ["model.width=4", "model.depth=1", f"loss.method={method}"]
     assert global_residual_of(load_config(None, small)) is skip

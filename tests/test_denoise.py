@@ -14,20 +14,11 @@ import torch
 from PIL import Image
 
 from rcl_dist.config import Config
-from rcl_dist.denoise import (
-    OUTPUT_RECORD,
-    decode_image_bytes,
-    denoise_paths,
-    encode_png,
-    from_float,
-    main_denoise,
-    read_image,
-    restore_array,
-    to_float,
-    write_image,
-)
+from rcl_dist.data.codec import decode_image_bytes, encode_png, from_float, read_image, to_float, write_image
+from rcl_dist.denoise import OUTPUT_RECORD, denoise_paths, main_denoise
+from rcl_dist.evaluate import restore_array
 from rcl_dist.models.io import load_checkpoint, save_checkpoint
-from rcl_dist.train.local import build_model_from_config
+from rcl_dist.models.factory import build_model_from_config
 
 
 def fine_tuned_checkpoint(folder: Path, seed: int = 0, pretrain: str = "none", **model) -> Path:

@@ -31,7 +31,7 @@ from rcl_dist.evaluate import (
 )
 from rcl_dist.models import build_model
 from rcl_dist.models.io import save_checkpoint
-from rcl_dist.train.local import build_model_from_config
+from rcl_dist.models.factory import build_model_from_config
 
 KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "test" / "Kodak24"
 

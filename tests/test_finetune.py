@@ -21,7 +21,7 @@ from rcl_dist.train.finetune import (
     head_kind,
     prepare_finetune_model,
 )
-from rcl_dist.train.local import build_model_from_config
+from rcl_dist.models.factory import build_model_from_config
 
 TINY_MODEL = {"name": "unet", "width": 4, "depth": 2}
 
@@ -276,7 +276,7 @@ ray = pytest.importorskip("ray")
 
 
 def test_mismatch_fails_before_any_worker(data, ckpts, tmp_path):
-    from rcl_dist.train.finetune import run_finetune
+    from rcl_dist.train.finetune_ray import run_finetune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ValueError, match="needs a RAW model"):
@@ -287,7 +287,7 @@ def test_mismatch_fails_before_any_worker(data, ckpts, tmp_path):
 def test_two_ray_workers_finetune_writes_a_loadable_checkpoint_and_tracks_in_mlflow(local_ray, data, ckpts, tmp_path):
     from mlflow import MlflowClient
 
-    from rcl_dist.train.finetune import run_finetune
+    from rcl_dist.train.finetune_ray import run_finetune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _spec(

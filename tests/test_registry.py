@@ -24,7 +24,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from rcl_dist.denoise import decode_image_bytes, denoise_paths, encode_png, read_image
+from rcl_dist.data.codec import decode_image_bytes, encode_png, read_image
+from rcl_dist.denoise import denoise_paths
 from rcl_dist.evaluate import evaluate_folder, summarise
 from rcl_dist.models.io import load_checkpoint
 from rcl_dist.registry import (
@@ -179,7 +180,7 @@ def test_missing_model_or_run_is_a_clear_error(world, tmp_path):
     # a pre-training checkpoint (no task) is not a fine-tuned model
     from rcl_dist.config import Config
     from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
 
     cfg = Config.from_dict({"model": {"width": 4, "depth": 2}})
     pre = save_checkpoint(tmp_path / "pre", build_model_from_config(cfg), cfg, step=3)

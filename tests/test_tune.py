@@ -151,7 +151,7 @@ def _tiny_data(root: Path) -> Path:
 
 
 def test_proxy_validator_is_deterministic_and_leaves_the_model_alone(tmp_path):
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
     from rcl_dist.train.validate import ProxyValidator
 
     manifest = _tiny_data(tmp_path / "data")

@@ -37,7 +37,7 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """(model with its weights, its Config, the whole state dict) from a checkpoint file or folder."""
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
 
     f = checkpoint_file(path)
     try:

@@ -1,9 +1,11 @@
 """Fine-tuning with few labels: the proxy evaluation of Sec. 4 and the label-efficiency study of Sec. 5.
 
-``run_finetune(spec)`` takes a pre-training checkpoint (or ``source="none"``: a randomly initialised
+A fine-tuning run takes a pre-training checkpoint (or ``source="none"``: a randomly initialised
 network of the same architecture, the "no pre-training" baseline), puts a task layer on it and trains
 with L1 and Adam (lr 1e-3, betas (0.9, 0.999), eps 1e-7, Sec. 4) on exactly ``spec.labels`` labelled
-crops, on ``spec.workers`` Ray Train workers (DDP), tracked in MLflow.
+crops. This module holds all of it and runs it in one process (``finetune_local``);
+:func:`rcl_dist.train.finetune_ray.run_finetune` runs the same on ``spec.workers`` Ray Train workers
+(DDP), tracked in MLflow.
 
 Modes
 -----
@@ -59,9 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +89,8 @@ __all__ = [
     "label_l1",
     "train_on_labels",
     "finetune_local",
-    "train_func_per_worker",
-    "run_finetune",
+    "make_optimizer",
+    "checkpoint_extra",
 ]
 
 FINETUNE_TASKS = ("denoise", "sr", "jdensr", "jdd", "real")
@@ -309,7 +309,7 @@ def _seeded(seed: int):
 def _load_source(spec: FinetuneSpec, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """The pre-trained model and its Config (or a randomly initialised one for source='none')."""
     from rcl_dist.models.io import load_checkpoint
-    from rcl_dist.train.local import build_model_from_config
+    from rcl_dist.models.factory import build_model_from_config
 
     if spec.is_random_init:
         cfg = Config.from_dict(spec.config)
@@ -631,11 +631,11 @@ def fit_proxy(
     return metrics, trace
 
 
-def _make_optimizer(params: list[nn.Parameter], spec: FinetuneSpec) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], spec: FinetuneSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=spec.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
-def _checkpoint_extra(
+def checkpoint_extra(
     spec: FinetuneSpec, head: dict[str, Any], metrics: dict[str, float], trace: ProbeTrace | None = None
 ) -> dict[str, Any]:
     return {
@@ -678,174 +678,8 @@ def finetune_local(
         metrics, trace = fit_proxy(model, labels, spec, device)
         history.append(dict(metrics))
     else:
-        opt = _make_optimizer(params, spec)
+        opt = make_optimizer(params, spec)
         metrics = train_on_labels(model, model, opt, labels, spec, device, on_report=lambda s, m, f: history.append(dict(m)))
     if spec.out:
-        save_checkpoint(spec.out, model, cfg, **_checkpoint_extra(spec, head, metrics, trace))
+        save_checkpoint(spec.out, model, cfg, **checkpoint_extra(spec, head, metrics, trace))
     return model, metrics, history
-
-
-# ------------------------------------------------------------------------------------------ Ray Train
-
-
-def train_func_per_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker: prepare the model, build this rank's labels, train, rank 0 checkpoints."""
-    import ray.train
-    import ray.train.torch
-
-    from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.pretrain import DDPRestorer, worker_setup
-
-    spec = FinetuneSpec.from_dict(loop_config["spec"])
-    rank, world, device = worker_setup()
-
-    # the same weights on every rank: preparation is seeded by spec.seed alone (DDP also broadcasts rank 0's)
-    inner, cfg, head, params = prepare_finetune_model(spec, map_location="cpu")
-    inner.to(device)
-    labels = build_label_set(spec, inner.raw, cfg.model.in_channels == 1, rank, world)
-
-    tracker = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        from rcl_dist.tracking import RunTracker
-
-        tracker = RunTracker.start(loop_config["tracking_uri"], spec.experiment, None, None, run_id=loop_config["mlflow_run_id"])
-
-    def report(step: int, metrics: dict[str, float], final: bool, trace: ProbeTrace | None = None) -> None:
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if final and rank == 0:
-                save_checkpoint(tmp, inner, cfg, **_checkpoint_extra(spec, head, metrics, trace))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(dict(metrics), checkpoint=checkpoint)
-
-    if spec.mode == "proxy":
-        # the probe all-reduces its sums itself: every rank installs the same head, no DDP wrapper needed
-        metrics, trace = fit_proxy(inner, labels, spec, device, rank=rank)
-        if tracker is not None:
-            every = 10 if trace.fit == "adam" else 1  # adam: the minibatch L1 every 10 steps; IRLS: each iteration
-            for i, l1 in enumerate(trace.history, start=1):
-                tracker.log_metrics({"probe_l1": l1}, step=min(i * every, max(trace.iterations, 1)))
-        report(int(metrics["step"]), metrics, True, trace)
-        return
-
-    opt = _make_optimizer(params, spec)
-    model: nn.Module = inner
-    if world > 1:
-        # Every trainable parameter is used in every forward pass, so find_unused_parameters is not needed.
-        model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
-    train_on_labels(model, inner, opt, labels, spec, device, rank=rank, on_report=report)
-
-
-def _check_before_start(spec: FinetuneSpec) -> dict[str, Any]:
-    """Everything that can fail before a worker starts: source, task/model pairing, manifest, crop."""
-    import warnings
-
-    from rcl_dist.data.reference import ManifestPairs
-
-    if not spec.is_random_init:
-        from rcl_dist.models.io import checkpoint_file
-
-        checkpoint_file(spec.source)  # FileNotFoundError naming the path
-    if not Path(spec.manifest).is_file():
-        raise FileNotFoundError(f"manifest: {spec.manifest} does not exist (create it with `rcl-dist data index`)")
-    model, cfg, head, _ = prepare_finetune_model(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the workers warn; here only whether any image fits counts
-        ManifestPairs(spec.manifest, label_pair_spec(spec, model.raw, cfg.model.in_channels == 1), spec.simulated_dir)
-    return {"model": cfg.model.name, "head": head}
-
-
-def run_finetune(
-    spec: FinetuneSpec,
-    *,
-    log: Callable[[str], None] = print,
-    env: dict[str, str] | None = None,
-) -> FinetuneResult:
-    """Fine-tune on ``spec.workers`` Ray Train workers; the driver owns the MLflow run.
-
-    The MLflow run (params: the spec; tags: ``pretrain_checkpoint``, ``task``, ``mode``, ``labels``)
-    is created before any worker starts; rank 0 logs ``loss`` (train L1, mean over ranks),
-    ``label_l1`` / ``label_l1_initial`` (the whole label set after / before training) and throughput.
-    At the end the run gets the tag ``checkpoint`` (the fine-tuned checkpoint file: ``spec.out``'s copy
-    when given, else Ray's) and the checkpoint file as an artifact under ``checkpoint/``.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
-    from rcl_dist.models.io import CHECKPOINT_FILE
-    from rcl_dist.train.launch import check_gpus, ensure_ray, rcl_home
-
-    info = _check_before_start(spec)
-    storage = Path(spec.storage_path or rcl_home() / "ray_results").expanduser().resolve()
-    name = spec.run_name or time.strftime("finetune-%Y%m%d-%H%M%S")
-    if (storage / name).exists():
-        raise ConfigError(f"run_name {name!r} already exists under {storage}: choose another name")
-
-    tracker, run_id, uri = None, None, None
-    if spec.tracking:
-        from rcl_dist.tracking import RunTracker, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(spec.tracking_uri)
-        tags = {
-            "pretrain_checkpoint": spec.source,
-            "task": spec.task,
-            "mode": spec.mode,
-            "labels": str(spec.labels),
-            "model": info["model"],
-            "head": f"{info['head']['kind']}/{info['head']['out_channels']}" + (" (fresh)" if info["head"]["fresh"] else " (pre-trained)"),
-            "batch_size_effective": str(spec.effective_batch_size),
-        }
-        tracker = RunTracker.start(uri, spec.experiment, name, spec.to_dict(), tags=tags)
-        run_id = tracker.run_id
-
-    status = "FAILED"
-    try:
-        ensure_ray(num_cpus=max(os.cpu_count() or 1, int(spec.workers * spec.cpus_per_worker) + 1))
-        check_gpus(spec.workers if spec.use_gpu else 0, "use_gpu")
-        trainer = TorchTrainer(
-            train_func_per_worker,
-            train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri},
-            scaling_config=ScalingConfig(
-                num_workers=spec.workers,
-                use_gpu=spec.use_gpu,
-                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=0),  # short runs: a failure reruns from scratch
-                worker_runtime_env={"env_vars": env} if env else None,
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
-        log(
-            f"fine-tune {name}: task {spec.task}, mode {spec.mode}, {spec.labels} labels, {spec.workers} worker(s), "
-            f"source {spec.source}" + (f", MLflow run {run_id} at {uri}" if run_id else "")
-        )
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        ray_ckpt = result.checkpoint.path if result.checkpoint is not None else None
-        ckpt_file = None
-        if ray_ckpt is not None:
-            ckpt_file = str(Path(ray_ckpt) / CHECKPOINT_FILE)
-            if spec.out:
-                out = Path(spec.out)
-                dest = out if out.suffix == ".pt" else out / CHECKPOINT_FILE
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ckpt_file, dest)
-                ckpt_file = str(dest)
-        if tracker is not None and ckpt_file is not None:
-            tracker.set_tags({"checkpoint": ckpt_file, "ray_checkpoint": ray_ckpt})
-            tracker.log_artifact_file(ckpt_file, subdir="checkpoint")
-        status = "FINISHED"
-    finally:
-        if tracker is not None:
-            tracker.end(status)
-    log(f"fine-tune {name}: done in {seconds:.1f} s, checkpoint {ckpt_file}")
-    return FinetuneResult(name, result.metrics, ckpt_file, ray_ckpt, run_id, uri, seconds)

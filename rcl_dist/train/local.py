@@ -23,18 +23,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rcl_dist.config import Config, ConfigError, global_residual_of
+from rcl_dist.config import Config, ConfigError
 from rcl_dist.data.images import bundled_images, list_images, load_image, shared_data_dir, tile
 from rcl_dist.data.reference import PairSampler
 from rcl_dist.losses.consistency import ConsistencyLoss, RawConsistencyLoss, build_encoder
 from rcl_dist.losses.diagnostics import adapt_alpha, residual_noise_distance
 from rcl_dist.losses.distances import get_distance
 from rcl_dist.losses.objectives import build_objective
-from rcl_dist.models import Restorer, build_model
+from rcl_dist.models import Restorer
+from rcl_dist.models.factory import build_model_from_config
 from rcl_dist.train.schedule import lr_factor
 
 __all__ = [
-    "build_model_from_config",
     "build_objective_from_config",
     "load_images",
     "train_local",
@@ -49,19 +49,6 @@ __all__ = [
 
 # Images each optimiser step passes through the model, per batch image: RCL-style methods run both crops.
 _FORWARDS = {"rcl": 2, "consistency": 2, "n2n": 1, "n2s": 1, "supervised": 1}
-
-
-def build_model_from_config(cfg: Config) -> Restorer:
-    m = cfg.model
-    if m.name == "unet":
-        in_ch = {None: m.in_channels, "mosaic": 1, "packed": 4}[m.raw]
-        out_ch = 3 if m.raw else m.in_channels
-        head = "raw2rgb" if m.raw == "packed" else "rgb"
-        return build_model(
-            "unet", in_channels=in_ch, out_channels=out_ch, width=m.width, depth=m.depth, head=head, raw=m.raw,
-            global_residual=global_residual_of(cfg),
-        )  # fmt: skip
-    return build_model("dncnn", in_channels=m.in_channels, out_channels=m.in_channels, width=m.width, depth=m.depth)
 
 
 def build_consistency_from_config(cfg: Config, encoder_weights: str | None = "from-config") -> nn.Module | None:

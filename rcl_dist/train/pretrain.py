@@ -23,12 +23,12 @@ import torch.nn as nn
 from rcl_dist import dist as rdist
 from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
+from rcl_dist.models.factory import build_model_from_config
 from rcl_dist.models.io import CHECKPOINT_FILE
 from rcl_dist.train.schedule import lr_factor
 from rcl_dist.train.local import (
     NonFiniteGuard,
     build_consistency_from_config,
-    build_model_from_config,
     build_objective_from_config,
     calibrate_alpha,
     check_finite_weights,

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcl_dist.denoise import OUTPUT_RECORD, decode_image_bytes, denoise_paths, encode_png, read_image
+from rcl_dist.data.codec import decode_image_bytes, encode_png, read_image
+from rcl_dist.denoise import OUTPUT_RECORD, denoise_paths
 
 from hostile_inputs import lying_png, noisy_rgb, zero_png
 from test_denoise import fine_tuned_checkpoint
@@ -40,7 +41,7 @@ def run_capped(args: list[str], env: dict[str, str] | None = None, timeout: floa
 
 READ_ONE = """
 import sys, time
-from rcl_dist.denoise import read_image
+from rcl_dist.data.codec import read_image
 t0 = time.monotonic()
 try:
     read_image(sys.argv[1])

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from rcl_dist.cli import main
-from rcl_dist.denoise import OUTPUT_RECORD, denoise_paths, read_image
+from rcl_dist.data.codec import read_image
+from rcl_dist.denoise import OUTPUT_RECORD, denoise_paths
 
 from hostile_inputs import noisy_rgb
 from test_denoise import fine_tuned_checkpoint

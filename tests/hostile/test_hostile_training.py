@@ -10,10 +10,10 @@ import torch
 
 from rcl_dist.cli import main
 from rcl_dist.config import ConfigError, load_config
+from rcl_dist.models.factory import build_model_from_config
 from rcl_dist.train.local import (
     NonFiniteError,
     NonFiniteGuard,
-    build_model_from_config,
     check_memory,
     estimate_training_memory,
     train_local,
