@@ -221,9 +221,11 @@ SL_SCRATCH = "SL (scratch)"
 RCL_ZERO = "RCL-EMD (no fine-tuning)"
 ORACLE_OWN = "Oracle (own head)"  # the supervised denoiser applied as it is: the proxy's reference
 ORACLE_GAUSS = "Oracle (Gaussian)"
+# classical denoisers with no training (rcl_dist.classical; noise level estimated per image): display -> name
+CLASSICAL = {"BM3D": "bm3d", "NLM": "nlm", "Wavelet": "wavelet"}
 MULTI_SEED = ("RCL-EMD", "N2N", "N2S", "Nb2Nb", RANDOM_INIT, "Oracle")  # denoising rows with every seed
 PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
-METHOD_ORDER = PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS)
+METHOD_ORDER = PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
 
 # Evaluation sets per task: (dataset name, path under shared/data).
 EVAL_SETS: dict[str, list[tuple[str, str]]] = {
@@ -303,6 +305,8 @@ class Cell:
         """How the evaluated network's last layer came about (a column of every row)."""
         if self.kind in ("zero", "gaussian"):
             return "own"
+        if self.kind == "classical":
+            return "no network"
         if self.kind == "finetune":
             return "full fine-tuning" if self.mode == "full" else f"fresh, {self.fit}"
         return ""
@@ -383,6 +387,10 @@ def build_plan(p: Preset) -> list[Cell]:
     # context: the blind Gaussian Oracle with its own head, every CBSD68 image, beside published figures
     cells.append(Cell("gaussian", ORACLE_GAUSS, first, "gaussian", 0, study="context", all_images=True,
                       source=cell_key(ORACLE_GAUSS, first, "pretrain", 0), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
+    # the floor a trained model must clear: classical denoisers on the same test inputs (denoise, real)
+    for name in CLASSICAL:
+        for task in ("denoise", "real"):
+            cells.append(Cell("classical", name, first, task, 0, study="classical", evals=_evals(task)))
     # Fig. 2
     cells.append(Cell("fig2", "RCL-EMD", first, "fig2", 0, study="fig2", source=cell_key("RCL-EMD", first, "pretrain", 0)))
     keys = [c.key for c in cells]
@@ -704,6 +712,10 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
     den = [("denoise", d) for d, _ in EVAL_SETS["denoise"]]
     out.append("## Table 1 analogue: proxy evaluation, denoising (NLF noise, sigma in [0, 20])\n")
     out.append(_pivot(rows, PROXY_RGB + (ORACLE_OWN, "Oracle"), den, study="proxy"))
+    if any(r["study"] == "classical" for r in rows):
+        out.append("No training (the floor): classical denoisers on the same inputs, the noise level estimated from each "
+                   "image (`rcl_dist.classical`; BM3D only where the optional `bm3d` package is installed).\n")  # fmt: skip
+        out.append(_pivot(rows, tuple(CLASSICAL), den, study="classical"))
     out.append(f"Proxy rows: every weight frozen but a fresh last layer fitted on {preset.proxy_labels} labelled crops "
                f"(fit `{preset.proxy_fit}`, `rcl_dist.train.probe`). {ORACLE_OWN}: the supervised denoiser with its own "
                "last layer, which lies in the proxy's hypothesis class (the proxy's reference). "
@@ -723,6 +735,8 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
                "the bilinear demosaic of the noisy RAW.\n")  # fmt: skip
     out.append("## Real noise: proxy evaluation on PolyU (test split)\n")
     out.append(_pivot(rows, PROXY_RGB + (SL_DEN, "Oracle"), [("real", "PolyU")], study="proxy"))
+    if any(r["study"] == "classical" and r["task"] == "real" for r in rows):
+        out.append(_pivot(rows, tuple(CLASSICAL), [("real", "PolyU")], study="classical"))
     if polyu_split:
         out.append(f"Split of the {len(polyu_split['train']) + len(polyu_split['test'])} PolyU_cropped pairs by name "
                    "(sha256 order, seed 0): test = "
@@ -852,6 +866,7 @@ class Harness:
             "zero": self._run_zero,
             "gaussian": self._run_gaussian,
             "fig2": self._run_fig2,
+            "classical": self._run_classical,
         }
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -969,7 +984,7 @@ class Harness:
             "key": key, "kind": cell.kind, "method": cell.method, "seed": cell.seed, "task": cell.task,
             "labels": cell.labels, "study": cell.study, "mode": cell.mode, "source": cell.source,
             "steps": cell.steps, "seconds": round(time.perf_counter() - t0, 2), "head": cell.head,
-            "global_residual": resolved_global_residual(self.preset, cell),
+            "global_residual": None if cell.kind == "classical" else resolved_global_residual(self.preset, cell),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec,
         }  # fmt: skip
         self.ran.append(key)
@@ -1057,13 +1072,14 @@ class Harness:
 
     def _evaluate(self, model, cell: Cell, run_id: str | None) -> list[dict[str, Any]]:
         """Evaluate ``model`` on every set of the cell; log the summaries to MLflow run ``run_id``."""
-        from rcl_dist.evaluate import evaluate_folder, summarise
+        from rcl_dist.evaluate import WHOLE_IMAGE, evaluate_folder, summarise
 
         results = []
         for dataset, folder_key, task, sigma in cell.evals:
             limit = None if cell.all_images else self.preset.eval_limit
+            tile = {} if cell.kind != "classical" else {"tile": WHOLE_IMAGE}  # one noise estimate per image
             table = evaluate_folder(model, self.folder(folder_key), task, seed=EVAL_SEED, limit=limit,
-                                    sigma=sigma, device=self._device(), progress=None)  # fmt: skip
+                                    sigma=sigma, device=self._device(), progress=None, **tile)  # fmt: skip
             s = summarise(table)
             s.update(dataset=dataset, task=task, sigma=sigma)
             results.append({k: s[k] for k in ("dataset", "task", "sigma", "n", "psnr_mean", "psnr_std", "ssim_mean",
@@ -1151,6 +1167,20 @@ class Harness:
 
     def _run_zero(self, cell: Cell) -> dict[str, Any]:
         return self._evaluate_source(cell, {"labels": 0, "what": "pre-trained model applied directly"})
+
+    def _run_classical(self, cell: Cell) -> dict[str, Any]:
+        """A classical denoiser (no training) on the cell's test sets, whole images, sigma estimated per image."""
+        from rcl_dist.classical import ClassicalDenoiser
+
+        model = ClassicalDenoiser(CLASSICAL[cell.method])
+        tracker = self._eval_run(cell, {"classical": CLASSICAL[cell.method], "sigma": "estimated per image"})
+        status = "FAILED"
+        try:
+            results = self._evaluate(model, cell, tracker.run_id)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        return {"mlflow_run_id": tracker.run_id, "results": results}
 
     def _run_gaussian(self, cell: Cell) -> dict[str, Any]:
         return self._evaluate_source(cell, {"sigmas": list(self.preset.sigmas)})

@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", default=None, help="also copy the fine-tuned checkpoint here")
 
     ev = sub.add_parser("evaluate", help="PSNR/SSIM of a model on whole test images (tiled when large)")
-    ev.add_argument("--model", required=True, help="checkpoint file or folder (state.pt)")
+    ev.add_argument("--model", required=True, help="checkpoint file or folder (state.pt), or classical:nlm, classical:wavelet, classical:bm3d (no training; noise level estimated per image)")
     ev.add_argument("--data", required=True, help="folder of test images (clean; real pairs: *_real/*_mean)")
     ev.add_argument("--task", required=True, choices=("denoise", "gaussian", "sr", "jdensr", "jdd", "real"))
     ev.add_argument("--out", default=None, help="write STEM.parquet/.json/.md (a folder: one file set per data set)")

@@ -610,6 +610,9 @@ def write_results(rows: Sequence[dict[str, Any]], out_stem: str | os.PathLike) -
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints / CLI
+WHOLE_IMAGE = 1 << 16  # a tile side no image reaches: tiled_restore passes the image in one piece
+
+
 def evaluate_checkpoint(
     checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike, task: str, **kw: Any
 ) -> pa.Table:
@@ -644,6 +647,9 @@ def main_evaluate(
 ) -> int:
     """``rcl-dist evaluate``: evaluate checkpoint ``model`` on the images of folder ``data`` for ``task``.
 
+    ``model`` ``classical:nlm`` / ``classical:wavelet`` / ``classical:bm3d``: the classical denoiser
+    (:mod:`rcl_dist.classical`, noise level estimated from each image), on whole images (no tiles).
+
     Prints the per-image markdown table and a summary line; with ``out`` writes the per-image rows to
     ``out.{parquet,json,md}`` and the summary to ``out_summary.{parquet,json,md}`` (``out`` an existing
     folder or ending in '/': ``out/<dataset>_<task>``). ``sigma``: fixed Gaussian noise on the 0-255
@@ -651,13 +657,18 @@ def main_evaluate(
     evaluated. A missing checkpoint or data folder raises FileNotFoundError naming the path; a bad task
     or option raises ValueError.
     """
+    from rcl_dist.classical import parse_classical
     from rcl_dist.models.io import checkpoint_file, load_checkpoint
 
     if not Path(data).is_dir():
         raise FileNotFoundError(f"{data}: no such data folder")
-    checkpoint_file(model)  # FileNotFoundError naming the path
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net, _cfg, _state = load_checkpoint(model, map_location=dev)
+    net = parse_classical(model)
+    if net is not None:
+        tile = WHOLE_IMAGE  # one noise estimate per image, as a user would run it
+    else:
+        checkpoint_file(model)  # FileNotFoundError naming the path
+        net, _cfg, _state = load_checkpoint(model, map_location=dev)
     table = evaluate_folder(
         net, data, task, seed=seed, limit=limit, tile=tile, overlap=overlap, sigma=sigma, device=dev,
         progress=lambda msg: print(msg, file=sys.stderr),

@@ -43,7 +43,7 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
     keys = {c.key for c in plan}
     assert len(keys) == len(plan)
     kinds = {c.kind for c in plan}
-    assert kinds == {"pretrain", "finetune", "zero", "gaussian", "fig2"}
+    assert kinds == {"pretrain", "finetune", "zero", "gaussian", "fig2", "classical"}
     for c in plan:
         assert c.source is None or c.source in keys, c.key  # every dependency is in the plan
         if c.kind == "pretrain":
@@ -86,6 +86,9 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
     assert fid.cell_key(fid.RCL_ZERO, first, "denoise", 0) in keys
     for s in p.seeds:  # the Oracle with its own last layer beside its proxy
         assert fid.cell_key(fid.ORACLE_OWN, s, "denoise", 0) in keys
+    for cname in fid.CLASSICAL:  # the untrained floor on the denoising and real-noise sets
+        for task in ("denoise", "real"):
+            assert fid.cell_key(cname, first, task, 0) in keys
     gauss = next(c for c in plan if c.kind == "gaussian")  # the blind Gaussian Oracle, all CBSD68 images
     assert gauss.all_images and gauss.source == fid.cell_key(fid.ORACLE_GAUSS, first, "pretrain", 0)
     gsrc = next(c for c in plan if c.key == gauss.source)
