@@ -18,7 +18,8 @@ the PolyU split). Every training run, and every evaluation, is an MLflow run in 
 The matrix (every pre-training on CBSD432, ``train/CBSD432``, with one manifest; noisy images only
 except the Oracle; same backbone, crop, batch and step budget for every method):
 
-* pre-training methods: RCL-EMD, RCL-BD, RCL-MMD (Eq. 6 with each distance), N2N, N2S,
+* pre-training methods: RCL-EMD, RCL-BD, RCL-MMD (Eq. 6 with each distance), N2N, N2S, Nb2Nb
+  (Neighbor2Neighbor), B2U (Blind2Unblind, masker grid ``b2u_grid``),
   Consistency (Eq. 5 only), Oracle (``loss.method=supervised``: supervised denoising on clean pairs),
   and RCL-EMD on packed RAW (``model.raw=packed``, App. B.2) for JDD; "No pre-training" is a randomly
   initialised network of the same architecture (fine-tuning ``source="none"``).
@@ -37,7 +38,14 @@ except the Oracle; same backbone, crop, batch and step budget for every method):
   the task's supervised model, the Oracle is supervised training *on that task* (full fine-tuning from
   random initialisation) with the pre-training budget: ``pretrain_steps`` steps at the pre-training
   batch, on ``oracle_labels`` labelled crops (Table 2/4's Oracle: "supervised pre-training" on the task).
-* seeds: RCL-EMD, N2N, N2S, No pre-training and Oracle on denoise run with every seed of ``seeds``
+* data regime (``realisation``, default ``fixed``): every pre-training reads one stored noisy image per
+  training image (``rcl-dist data simulate`` beside the manifest, as the paper's one-to-one mapping and
+  as a real unlabelled set); N2N's second image is a second stored realisation with the same
+  parameters. ``--set realisation=fresh`` draws new noise every epoch (the rows committed before
+  2026-12-04 ran so).
+* the floor: BM3D (optional ``bm3d`` package), NLM and wavelet denoising (``rcl_dist.classical``),
+  no training, the noise level estimated from each test image, on the denoise and PolyU sets.
+* seeds: RCL-EMD, N2N, N2S, Nb2Nb, No pre-training and Oracle on denoise run with every seed of ``seeds``
   (pre-training seed = fine-tuning seed: model init, batches, label set and fresh head); the table
   gives the mean over seeds and their standard deviation (ddof=1; null with one seed). Other rows: the
   first seed.
@@ -82,7 +90,8 @@ Presets (the budget is the same for every method within a preset):
   ~270-320 s; a proxy cell (features, solve, IRLS, 3 test sets) ~21 s, of which the fit ~2 s; a
   label-efficiency run (1000 full steps) ~100 s. The whole matrix (77 cells: 17 pre-trainings, 54
   fine-tunings of which 44 proxies, 6 others) is estimated at ~2 h alone here, ~75 % of it
-  pre-training: over the 90 minutes the preset aims for, a matter of step throughput.
+  pre-training: over the 90 minutes the preset aims for, a matter of step throughput. Blind2Unblind
+  runs with ``b2u_grid=2`` here (4 masked copies per step; the paper's 4 costs 16 forward passes).
 * ``gpu``: the paper's settings: U-Net width 32 depth 4, 128^2 crops, batch 64, ``dist.use_gpu``,
   20000 pre-training steps, 5 seeds (denoising rows), 3 seeds for label efficiency, every test image.
   Not timed here.
