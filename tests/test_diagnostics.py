@@ -146,10 +146,41 @@ def test_local_trainer_records_the_diagnostics_at_its_log_steps():
     small = ["model.width=8", "model.depth=2", "data.crop=32", "data.tile=64", "train.batch_size=4",
              "train.steps=2", "train.log_every=1", "loss.temperature_scale=median"]  # fmt: skip
     _, history = train_local(load_config(None, small), log=None)
-    for key in ("grad_contrast", "grad_consistency", "grad_ratio", "logit_gap", "contrast_uniform", "tau_effective"):
+    for key in ("grad_contrast", "grad_consistency", "grad_ratio", "logit_gap", "contrast_uniform", "tau_effective",
+                "noise_distance", "noise_rmse"):  # fmt: skip
         assert len(history.metrics[key]) == 2 and all(math.isfinite(v) for v in history.metrics[key]), key
     _, quiet = train_local(load_config(None, [*small, "loss.diagnostics=false"]), log=None)
-    assert "grad_ratio" not in quiet.metrics and "logit_gap" in quiet.metrics
+    assert "grad_ratio" not in quiet.metrics and "logit_gap" in quiet.metrics and "noise_distance" not in quiet.metrics
+
+
+def test_noise_probe_measures_the_residual_against_the_true_noise(rng):
+    """The identity f(x) = x scores the noise's own size; the probe leaves a model's train mode and
+    batch-norm statistics as they were; with real noise (unknown) there is no probe."""
+    from rcl_dist.models import build_model
+    from rcl_dist.train.local import noise_probe
+
+    cfg = load_config(None, ["data.crop=16", "loss.quantiles=null", "data.sigma_min=0.05", "data.sigma_max=0.08"])
+    images = [torch.rand(3, 40, 40, generator=rng).numpy() for _ in range(4)]
+    probe = noise_probe(cfg, images, n=4)
+
+    class Identity(torch.nn.Module):  # f(x) = x: the residual is 0, so the distance is the noise's own size
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def residual(self, x):
+            return torch.zeros_like(x)
+
+    identity = probe(Identity())
+    # RMS of the noise itself: sigma in [0.05, 0.08] per image (NLF variance within sigma_max^2)
+    assert 0.02 < identity["noise_rmse"] < 0.08 and identity["noise_distance"] > 0.01
+    dncnn = build_model("dncnn", width=4, depth=3)
+    dncnn.train()
+    before = {k: v.clone() for k, v in dncnn.state_dict().items()}
+    out = probe(dncnn)
+    assert math.isfinite(out["noise_distance"]) and dncnn.training
+    assert all(torch.equal(before[k], v) for k, v in dncnn.state_dict().items())  # running stats untouched
+    assert noise_probe(load_config(None, ["data.noise=none", "data.source=/x"]), images) is None
 
 
 def test_adapt_alpha_jumps_to_the_target_or_steps_by_at_most_the_factor():

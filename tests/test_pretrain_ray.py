@@ -10,6 +10,8 @@ real `mlflow server`.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,9 @@ def test_two_workers_calibrate_one_alpha_and_resume_keeps_it(local_ray, tmp_path
     assert sorted(alpha) == list(range(1, 7)) and sorted(ratio) == list(range(1, 7))
     assert alpha[1] != pytest.approx(1e-3, rel=0.01)  # calibrated before the first step
     assert 0.5 <= alpha[5] / alpha[4] <= 2.0 and alpha[5] != pytest.approx(1e-3, rel=0.01)  # resumed, not reset
+    # the residual against the known simulated noise of a few manifest images, at every log step
+    noise = {m.step: m.value for m in client.get_metric_history(first.mlflow_run_id, "noise_distance")}
+    assert sorted(noise) == list(range(1, 7)) and all(math.isfinite(v) and v > 0 for v in noise.values())
 
 
 # ---------------------------------------------------------------- pieces without Ray

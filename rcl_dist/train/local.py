@@ -32,6 +32,7 @@ from rcl_dist.losses.distances import get_distance
 from rcl_dist.losses.objectives import build_objective
 from rcl_dist.models import Restorer
 from rcl_dist.models.factory import build_model_from_config
+from rcl_dist.noise import NoiseParams
 from rcl_dist.train.schedule import lr_factor
 
 __all__ = [
@@ -84,25 +85,53 @@ def build_objective_from_config(cfg: Config, consistency: nn.Module | None, gene
     )
 
 
-def noise_probe(cfg: Config, images: list[np.ndarray], sampler: PairSampler, n: int = 16):
-    """With ``loss.diagnostics`` on an RGB model: a function ``model -> {"noise_distance",
-    "noise_rmse"}``, the loss's distance d(n_hat, n) and the RMS of n_hat - n between each crop's
-    residual x - f(x) and the simulated noise it holds (:func:`residual_noise_distance`), on one fixed
-    set of ``n`` crops drawn once (its own generator, the training images' own noise parameters), so
+def noise_probe(cfg: Config, images: list[np.ndarray], params: NoiseParams | None = None, n: int = 16):
+    """With ``loss.diagnostics`` on an RGB model with simulated noise: a function ``model ->
+    {"noise_distance", "noise_rmse"}``, the loss's distance d(n_hat, n) and the RMS of n_hat - n
+    between each crop's residual x - f(x) and the simulated noise it holds
+    (:func:`residual_noise_distance`), on one fixed set of ``n`` crops of ``images`` drawn once (its
+    own generator; ``params``: the images' own noise parameters, else drawn from ``data.sampler``), so
     the values at successive log steps are comparable. What the paper's Fig. 2 caption says RCL
-    contracts, for every method. None otherwise."""
-    if not cfg.loss.diagnostics or cfg.model.raw is not None or cfg.data.noise == "none":  # real noise is unknown
+    contracts, for every method. None otherwise (real noise is unknown)."""
+    if not cfg.loss.diagnostics or cfg.model.raw is not None or cfg.data.noise == "none" or not images:
         return None
     gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
-    fixed = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, params=sampler.params, generator=gen)
+    options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler in ("uniform", "gaussian") else None
+    fixed = PairSampler(images, crop=cfg.data.crop, overlap=cfg.data.overlap, params=params, sampler=cfg.data.sampler,
+                        sampler_options=options, generator=gen)  # fmt: skip
     batch = fixed.sample(min(n, len(images)), "rcl+noise")
     distance = get_distance(cfg.loss.distance, **_distance_options(cfg))
 
     @torch.no_grad()
     def measure(model: nn.Module) -> dict[str, float]:
-        return residual_noise_distance(model.residual(batch["q"]), batch["q_noise"], distance)
+        dev, was_training = next(model.parameters()).device, model.training
+        model.eval()  # batch-norm statistics (DnCNN) must not learn from the probe
+        try:
+            return residual_noise_distance(model.residual(batch["q"].to(dev)), batch["q_noise"].to(dev), distance)
+        finally:
+            model.train(was_training)
 
     return measure
+
+
+def manifest_noise_probe(cfg: Config, manifest: str, n: int = 16):
+    """:func:`noise_probe` on ``n`` images of a manifest's training split (the first by image id, large
+    enough for the pair's parent crop) with their own (shot, read): the distributed trainer's version,
+    whose DALI batches do not carry the noise. None where :func:`noise_probe` is None."""
+    if not cfg.loss.diagnostics or cfg.model.raw is not None or cfg.data.noise == "none":
+        return None
+    from rcl_dist.data.manifest import read_manifest
+    from rcl_dist.data.spec import crop_geometry
+
+    parent = crop_geometry(cfg.data.crop, cfg.data.overlap)[1]
+    rows = sorted(read_manifest(manifest, cfg.data.split).to_pylist(), key=lambda r: r["image_id"])
+    rows = [r for r in rows if min(r["width"], r["height"]) >= parent][:n]
+    images = [load_image(r["path"], gray=cfg.model.in_channels == 1) for r in rows]
+    if not images:
+        return None
+    params = NoiseParams(torch.tensor([r["shot"] for r in rows], dtype=torch.float32),
+                         torch.tensor([r["read"] for r in rows], dtype=torch.float32))  # fmt: skip
+    return noise_probe(cfg, images, params, n)
 
 
 def gradient_diagnostics(cfg: Config, objective: nn.Module, model: nn.Module, batch: dict) -> dict[str, float]:
@@ -336,7 +365,7 @@ def train_local(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
     )
     history = History()
-    probe = noise_probe(cfg, images, sampler)
+    probe = noise_probe(cfg, images, sampler.params)
     guard = NonFiniteGuard(t.nonfinite_limit)
     model.train()
     if cfg.loss.alpha_ratio is not None:  # alpha from the gradient ratio at the start (its own batch)

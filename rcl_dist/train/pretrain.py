@@ -33,6 +33,7 @@ from rcl_dist.train.local import (
     calibrate_alpha,
     check_finite_weights,
     gradient_diagnostics,
+    manifest_noise_probe,
 )
 
 __all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
@@ -254,6 +255,9 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     guard = NonFiniteGuard(cfg.train.nonfinite_limit, skipped)
     t_window, wait_window, n_window = 0.0, 0.0, 0
     t_start, start_step = time.perf_counter(), step
+    # d(n_hat, n) against the known simulated noise of a few manifest images (the DALI batches do not
+    # carry the noise), on every rank: the same crops, so the same numbers, and the same metric keys
+    probe = manifest_noise_probe(cfg, loop_config["manifest"])
     model.train()
 
     # 5. the loop
@@ -294,6 +298,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
             values = {k: float(v.detach().float()) for k, v in out.items() if v.dim() == 0}
             with autocast:  # every rank: the dicts all_reduce_mean averages must have the same keys
                 values.update(gradient_diagnostics(cfg, objective, inner, batch))
+            if probe is not None:
+                values.update(probe(inner))
             metrics = rdist.all_reduce_mean(values, device=device)
             if cfg.loss.alpha_ratio is not None:  # from the averaged ratio: every rank sets the same alpha
                 metrics["alpha"] = objective.alpha
