@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -129,7 +128,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--test-limit", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-json", action="store_true", help="only render <out>.md again from <out>.json (no training)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.from_json:
+        out.with_suffix(".md").write_text(report(json.loads(out.with_suffix(".json").read_text())))
+        return 0
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     import deepinv
@@ -145,23 +151,30 @@ def main(argv=None) -> int:
             print(f"{arm:8s} seed {seed}: {r['psnr']:.3f} dB (input {r['psnr_input']:.3f}), loss {r['loss_first50']:.5f} -> "
                   f"{r['loss_last50']:.5f}, {r['train_seconds']:.0f} s", flush=True)  # fmt: skip
             runs.append(r)
-    by = {a: [r["psnr"] for r in runs if r["arm"] == a] for a in ARMS}
-    diffs = [a - b for a, b in zip(by["rcl_dist"], by["deepinv (own masks)"])]
-    same = [(r, q) for r in runs if r["arm"] == "rcl_dist" for q in runs if q["arm"] == "deepinv" and q["seed"] == r["seed"]]
-    step_gap = max(max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], q["losses"])) for r, q in same)
-    psnr_gap_same = max(abs(r["psnr"] - q["psnr"]) for r, q in same)
-    sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
     summary = {"command": " ".join(["python", "benchmarks/deepinv_crosscheck.py", *(argv or sys.argv[1:])]),
                "commit": commit + ("+dirty" if dirty else ""), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "torch": torch.__version__, "deepinv": deepinv.__version__, "args": vars(args), "runs": runs,
-               "mean": {a: statistics.fmean(v) for a, v in by.items()}, "std": {a: sd(v) for a, v in by.items()},
-               "paired_difference_mean": statistics.fmean(diffs), "paired_difference_max_abs": max(abs(d) for d in diffs),
-               "same_masks_max_relative_step_loss_difference": step_gap, "same_masks_max_psnr_difference": psnr_gap_same}  # fmt: skip
-    out = Path(args.out)
+               "torch": torch.__version__, "deepinv": deepinv.__version__, "args": vars(args), "n_test": len(test), "runs": runs}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = report(summary)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+def report(summary: dict) -> str:
+    """The markdown of a finished cross-check (``summary``: what ``<out>.json`` holds)."""
+    runs, args = summary["runs"], argparse.Namespace(**summary["args"])
+    seeds = sorted({r["seed"] for r in runs})
+    by = {a: [r["psnr"] for r in sorted(runs, key=lambda r: r["seed"]) if r["arm"] == a] for a in ARMS}
+    diffs = [a - b for a, b in zip(by["rcl_dist"], by["deepinv (own masks)"])]
+    same = [(r, q) for r in runs if r["arm"] == "rcl_dist" for q in runs if q["arm"] == "deepinv" and q["seed"] == r["seed"]]
+    rel = [[abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], q["losses"])] for r, q in same]
+    first10 = max(max(v[:10]) for v in rel)
+    apart = [next((i + 1 for i, x in enumerate(v) if x > 1e-4), None) for v in rel]
+    psnr_gap_same = max(abs(r["psnr"] - q["psnr"]) for r, q in same)
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
+    mean = {a: statistics.fmean(v) for a, v in by.items()}
     lines = [
         "# Neighbor2Neighbor: rcl_dist against deepinv",
         "",
@@ -169,24 +182,31 @@ def main(argv=None) -> int:
         f"- commit {summary['commit']}, torch {summary['torch']}, deepinv {summary['deepinv']}, {summary['machine']}",
         f"- U-Net width {args.width} depth {args.depth} (input skip), {args.steps} steps, batch {args.batch}, {args.crop}^2 crops, "
         f"Adam lr {args.lr} cosine, {args.warmup} warm-up; CBSD432 with one stored NLF realisation per image; "
-        f"test: {len(test)} CBSD68 images (make_test_pair, seed 0)",
+        f"test: {summary.get('n_test', args.test_limit)} CBSD68 images (make_test_pair, seed 0)",
         "",
         "| arm | seeds | CBSD68 PSNR (mean ± sd) | noisy input | loss, first 50 -> last 50 steps | train s |",
         "|---|---|---|---|---|---|",
     ]
     for a in ARMS:
         rs = [r for r in runs if r["arm"] == a]
-        lines.append(f"| {a} | {len(rs)} | {summary['mean'][a]:.3f} ± {summary['std'][a]:.3f} | {rs[0]['psnr_input']:.3f} | "
+        lines.append(f"| {a} | {len(rs)} | {mean[a]:.3f} ± {sd(by[a]):.3f} | {rs[0]['psnr_input']:.3f} | "
                      f"{statistics.fmean(r['loss_first50'] for r in rs):.5f} -> {statistics.fmean(r['loss_last50'] for r in rs):.5f} | "
                      f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")  # fmt: skip
-    lines += ["", f"Same masks (deepinv seeded like ours): largest relative difference of a step's loss {step_gap:.2e}, "
-              f"largest PSNR difference {psnr_gap_same:.4f} dB (the two losses are the same function of the same draws).",
-              "", f"Independent masks, paired difference rcl_dist - deepinv (own masks), same seed: mean {summary['paired_difference_mean']:+.3f} dB, "
-              f"largest {summary['paired_difference_max_abs']:.3f} dB; per seed: "
-              + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(args.seeds, diffs)), ""]  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    lines += ["", f"Same masks (deepinv seeded like ours, so both draw the same sub-sampling masks): over the first 10 "
+              f"steps the two losses differ by at most {first10:.1e} (relative), i.e. float rounding: the same function of "
+              "the same draws. Later the trajectories drift apart as rounding differences are amplified by training "
+              f"(first step with a relative difference above 1e-4, per seed: {', '.join(str(a) for a in apart)}); the "
+              f"trained networks' PSNR differs by at most {psnr_gap_same:.4f} dB.",
+              "", f"Independent masks, paired difference rcl_dist - deepinv (own masks), same seed: mean {statistics.fmean(diffs):+.3f} dB, "
+              f"largest {max(abs(d) for d in diffs):.3f} dB; per seed: " + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diffs))
+              + f". Seed-to-seed standard deviation of one arm: {sd(by['rcl_dist']):.3f} dB. Criterion: within 0.3 dB.",
+              "", "Both Neighbor2Neighbor networks end 0.3-0.4 dB above their noisy input at this budget and noise level "
+              "(sigma <= 20/255) in both implementations alike, so it is not a defect of ours; a likely cause (not measured "
+              "here) is that with weak noise the content difference between neighbouring pixels is a large part of the "
+              "sub-sampled target.", ""]  # fmt: skip
+    if summary.get("note"):
+        lines += [f"Note: {summary['note']}", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
