@@ -220,6 +220,10 @@ PRETRAIN_METHODS: dict[str, list[str]] = {
     "Consistency": ["loss.method=consistency"],
     "Oracle": ["loss.method=supervised"],
     "RCL-EMD (RAW)": ["loss.method=rcl", "loss.distance=emd", "model.raw=packed"],
+    # the real-noise study: pre-trained on the noisy halves of the PolyU training split only, nothing simulated
+    "RCL-EMD (real)": ["loss.method=rcl", "loss.distance=emd", "data.noise=none", "data.realisation=fresh"],
+    "N2S (real)": ["loss.method=n2s", "data.noise=none", "data.realisation=fresh"],
+    "Nb2Nb (real)": ["loss.method=nb2nb", "data.noise=none", "data.realisation=fresh"],
     # the context rows' blind Gaussian denoiser: supervised, shot 0, sigma ~ U(0, gaussian_sigma_max) per image
     "Oracle (Gaussian)": ["loss.method=supervised", "data.sampler=gaussian", "data.sigma_min=0.0"],
 }
@@ -232,9 +236,12 @@ ORACLE_OWN = "Oracle (own head)"  # the supervised denoiser applied as it is: th
 ORACLE_GAUSS = "Oracle (Gaussian)"
 # classical denoisers with no training (rcl_dist.classical; noise level estimated per image): display -> name
 CLASSICAL = {"BM3D": "bm3d", "NLM": "nlm", "Wavelet": "wavelet"}
+REAL_PRETRAINED = ("RCL-EMD (real)", "N2S (real)", "Nb2Nb (real)")
+REAL_LABELS = (10, 100)  # real pairs' crops of the real-noise study
 MULTI_SEED = ("RCL-EMD", "N2N", "N2S", "Nb2Nb", RANDOM_INIT, "Oracle")  # denoising rows with every seed
 PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
-METHOD_ORDER = PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
+METHOD_ORDER = (PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
+                + REAL_PRETRAINED + tuple(f"{m} + SL" for m in REAL_PRETRAINED))
 
 # Evaluation sets per task: (dataset name, path under shared/data).
 EVAL_SETS: dict[str, list[tuple[str, str]]] = {
@@ -304,7 +311,9 @@ class Cell:
     mode: str = "proxy"
     steps: int = 0
     batch_size: int = 0
-    manifest: str = "train"  # "train" (CBSD432), "real" (PolyU train split), "gaussian" (CBSD432, Gaussian noise)
+    # "train" (CBSD432), "real" (PolyU train split, pairs), "real_noisy" (its noisy halves, data.noise=none),
+    # "gaussian" (CBSD432, Gaussian noise)
+    manifest: str = "train"
     evals: list[tuple[str, str, str, float | None]] = field(default_factory=list)  # (dataset, folder key, task, sigma)
     all_images: bool = False  # evaluate every image of each set (else the preset's eval_limit)
     fit: str = "lstsq+l1"  # proxy cells: the probe's fit
@@ -348,10 +357,11 @@ def build_plan(p: Preset) -> list[Cell]:
     for method, ov in PRETRAIN_METHODS.items():
         gauss = method == ORACLE_GAUSS
         ov = list(ov) + ([f"data.sigma_max={p.gaussian_sigma_max / 255.0}"] if gauss else [])
+        manifest = "gaussian" if gauss else "real_noisy" if method in REAL_PRETRAINED else "train"
         for s in pre_seeds(method):
             cells.append(Cell("pretrain", method, s, "pretrain", 0, study="pretrain", overrides=ov,
                               raw="model.raw=packed" in ov, steps=p.pretrain_steps, batch_size=p.batch_size,
-                              manifest="gaussian" if gauss else "train"))  # fmt: skip
+                              manifest=manifest))  # fmt: skip
 
     def proxy(method: str, seed: int, task: str, source_method: str | None, raw: bool = False, study: str = "proxy") -> Cell:
         return Cell(
@@ -396,6 +406,18 @@ def build_plan(p: Preset) -> list[Cell]:
     # context: the blind Gaussian Oracle with its own head, every CBSD68 image, beside published figures
     cells.append(Cell("gaussian", ORACLE_GAUSS, first, "gaussian", 0, study="context", all_images=True,
                       source=cell_key(ORACLE_GAUSS, first, "pretrain", 0), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
+    # the real-noise study (PolyU test split): networks pre-trained on PolyU's noisy halves only, proxy and
+    # full fine-tuning on 10 and 100 crops of real pairs, against SL from scratch on the same pairs
+    for method in REAL_PRETRAINED:
+        for n in REAL_LABELS:
+            for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
+                name = method if mode == "proxy" else f"{method} + SL"  # one key per (network, mode)
+                cells.append(Cell("finetune", name, first, "real", n, study=f"real-{mode}", mode=mode, steps=steps,
+                                  source=cell_key(method, first, "pretrain", 0), batch_size=p.batch_size,
+                                  manifest="real", evals=_evals("real"), fit=p.proxy_fit))  # fmt: skip
+    for n in REAL_LABELS:
+        cells.append(Cell("finetune", SL_SCRATCH, first, "real", n, study="real-full", mode="full", steps=p.full_steps,
+                          batch_size=p.batch_size, manifest="real", evals=_evals("real")))  # fmt: skip
     # the floor a trained model must clear: classical denoisers on the same test inputs (denoise, real)
     for name in CLASSICAL:
         for task in ("denoise", "real"):
@@ -746,6 +768,22 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
     out.append(_pivot(rows, PROXY_RGB + (SL_DEN, "Oracle"), [("real", "PolyU")], study="proxy"))
     if any(r["study"] == "classical" and r["task"] == "real" for r in rows):
         out.append(_pivot(rows, tuple(CLASSICAL), [("real", "PolyU")], study="classical"))
+    real_rows = [r for r in rows if r["study"] in ("real-proxy", "real-full")]
+    if real_rows:
+        out.append("## Real noise, nothing simulated: pre-trained on PolyU's noisy halves, fine-tuned on real pairs\n")
+        lines = ["| method | fine-tuning | " + " | ".join(f"{n} pairs' crops" for n in REAL_LABELS) + " |",
+                 "|---|---|" + "---|" * len(REAL_LABELS)]  # fmt: skip
+        idx = {(r["method"], r["study"], int(r["labels"])): r for r in real_rows}
+        for method, study in [(m, "real-proxy") for m in REAL_PRETRAINED] + [(f"{m} + SL", "real-full") for m in REAL_PRETRAINED] + [(SL_SCRATCH, "real-full")]:
+            if any((method, study, n) in idx for n in REAL_LABELS):
+                lines.append(f"| {method} | {study.split('-')[1]} | "
+                             + " | ".join(_fmt_cell(idx.get((method, study, n))) for n in REAL_LABELS) + " |")  # fmt: skip
+        out.append("\n".join(lines) + "\n")
+        out.append("Pre-training: the noisy `*_real` photographs of the PolyU training split only (`data.noise=none`: "
+                   "both crops of an RCL pair from the one photograph; the clean means never seen), the preset's "
+                   "budget. Fine-tuning: proxy (fresh last layer) or full, on 10 / 100 crops of the training split's "
+                   "real pairs; SL (scratch): the same architecture from random initialisation on the same crops. "
+                   "Test: the PolyU test split, whose noisy input and classical floor are in the rows above.\n")  # fmt: skip
     if polyu_split:
         out.append(f"Split of the {len(polyu_split['train']) + len(polyu_split['test'])} PolyU_cropped pairs by name "
                    "(sha256 order, seed 0): test = "
@@ -943,12 +981,15 @@ class Harness:
         elif which == "gaussian":
             folder, out = self.shared() / TRAIN_SET, self.work / "data" / "cbsd432_gaussian.parquet"
             sampler, sigma_max = "gaussian", self.preset.gaussian_sigma_max / 255.0
+        elif which == "real_noisy":  # the unlabelled set of the real-noise study: the noisy *_real halves only
+            folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train_noisy.parquet"
         else:
             folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
         index_images([(str(folder), "train")], out, seed=0, sampler=sampler,
-                     sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None)  # fmt: skip
-        if which != "real" and self.preset.realisation == "fixed":
+                     sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None,
+                     noise="none" if which == "real_noisy" else "simulated")  # fmt: skip
+        if which in ("train", "gaussian") and self.preset.realisation == "fixed":
             from rcl_dist.data.manifest import simulate
 
             # the stored noisy images every pre-training reads (where simulated_dir_for looks):

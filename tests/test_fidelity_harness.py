@@ -56,9 +56,13 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert cfg.model.global_residual == p.global_residual and cfg.train.schedule == p.schedule
             # the row's label is the network that is built: the auto rule per method
             assert global_residual_of(cfg) == fid.resolved_global_residual(p, c), c.key
-            assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Nb2Nb", "B2U", "Oracle", "Oracle (Gaussian)")), c.key
-            # one data regime for every method: stored realisations (N2N: a second one, same parameters)
-            assert cfg.data.realisation == p.realisation == "fixed" and cfg.loss.b2u_grid == p.b2u_grid
+            assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Nb2Nb", "B2U", "Oracle", "Oracle (Gaussian)",
+                                                            "N2S (real)", "Nb2Nb (real)")), c.key  # fmt: skip
+            if c.method in fid.REAL_PRETRAINED:  # real photographs: nothing simulated, nothing stored
+                assert c.manifest == "real_noisy" and cfg.data.noise == "none" and cfg.data.realisation == "fresh"
+            else:  # one data regime for every method: stored realisations (N2N: a second one, same parameters)
+                assert cfg.data.realisation == p.realisation == "fixed" and cfg.data.noise == "simulated"
+            assert cfg.loss.b2u_grid == p.b2u_grid
         elif c.kind == "finetune":
             source = "none" if c.source is None else "/nowhere/state.pt"
             spec = fid.finetune_spec(p, c, source, "m.parquet", experiment="e")
@@ -86,6 +90,10 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
     assert fid.cell_key(fid.RCL_ZERO, first, "denoise", 0) in keys
     for s in p.seeds:  # the Oracle with its own last layer beside its proxy
         assert fid.cell_key(fid.ORACLE_OWN, s, "denoise", 0) in keys
+    for m in fid.REAL_PRETRAINED:  # the real-noise study: proxy and full on 10 / 100 real pairs' crops
+        for n in fid.REAL_LABELS:
+            assert fid.cell_key(m, first, "real", n) in keys and fid.cell_key(f"{m} + SL", first, "real", n) in keys
+            assert fid.cell_key(fid.SL_SCRATCH, first, "real", n) in keys
     for cname in fid.CLASSICAL:  # the untrained floor on the denoising and real-noise sets
         for task in ("denoise", "real"):
             assert fid.cell_key(cname, first, task, 0) in keys
