@@ -570,7 +570,7 @@ def test_small_images_are_left_out_and_none_left_is_an_error(tmp_path):
     with pytest.warns(UserWarning, match=r"1 of 4 images .* smaller than 24x24"):
         loader = DALILoader(_table(rows + small), spec)
     assert loader.rows.num_rows == 3
-    with pytest.raises(ValueError, match=r"at least 24x24 \(crop 16, parent crop 24\); the largest is 30x20"):
+    with pytest.raises(ValueError, match=r"at least 24x24 \(task 'pretrain', crop 16, parent crop 24\); the largest is 30x20: "):
         build_pipeline(_table(small), spec)
 
 

@@ -386,7 +386,10 @@ def test_shards_are_disjoint_cover_the_split_and_have_equal_batches(tmp_path):
 
 def test_workers_give_the_same_batches_and_epochs_advance(posdir):
     _, paths = posdir
-    m = manifest(paths * 3, 0.01, 0.002)  # 12 rows
+    copies = [str(Path(p).with_name(f"c{k}_" + Path(p).name)) for k in range(2) for p in paths]
+    for c in copies:  # a manifest lists each file once: 12 rows from 3 copies of the 4 images
+        Path(c).write_bytes(Path(paths[copies.index(c) % len(paths)]).read_bytes())
+    m = manifest(list(paths) + copies, 0.01, 0.002)  # 12 rows
     spec = PairSpec(task="pretrain", crop=16, batch_size=4, seed=3)
 
     def epochs(loader, k):
@@ -423,7 +426,7 @@ def test_small_images_are_dropped_with_a_count_or_fail_naming_the_largest(tmp_pa
     with pytest.warns(UserWarning, match=r"2 of 3 images .* smaller than 36x36"):
         ds = ManifestPairs(manifest([big] + small), spec)
     assert ds.paths == [big]
-    with pytest.raises(ValueError, match=r"crop 24.*>= 36.*small1\.png \(31x20\)"):
+    with pytest.raises(ValueError, match=r"at least 36x36 \(task 'pretrain', crop 24, parent crop 36\); the largest is 31x20: .*small1\.png"):
         ManifestPairs(manifest(small), spec)
     # fine-tuning tasks only need the crop itself
     assert len(quiet_dataset(manifest([big] + small), PairSpec(task="denoise", crop=20))) == 3

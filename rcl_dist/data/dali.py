@@ -64,11 +64,10 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from rcl_dist.data.spec import PairSpec, crop_geometry, derived_seed, is_real_noisy, real_partner, simulated_path
+from rcl_dist.data.manifest import load_manifest
+from rcl_dist.data.spec import PairSpec, crop_geometry, pipeline_rows, derived_seed, is_real_noisy, real_partner, simulated_path
 
 __all__ = ["build_pipeline", "DALILoader"]
 
@@ -76,7 +75,6 @@ __all__ = ["build_pipeline", "DALILoader"]
 _LUT_BLOCK = 65536
 # rgb -> grey as skimage.color.rgb2gray, the conversion of rcl_dist.data.images.load_image(gray=True)
 _LUMA = (0.2125, 0.7154, 0.0721)
-_REQUIRED = ("path", "image_id", "width", "height", "split", "shot", "read")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,39 +97,8 @@ class _Plan:
     skipped: list[str] = field(default_factory=list)
 
 
-def _read_manifest(manifest: pa.Table | str | os.PathLike) -> pa.Table:
-    table = manifest if isinstance(manifest, pa.Table) else pq.read_table(os.fspath(manifest))
-    missing = [c for c in _REQUIRED if c not in table.column_names]
-    if missing:
-        raise ValueError(f"manifest lacks column(s) {missing}; expected the columns of spec.MANIFEST_SCHEMA")
-    return table
-
-
 def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir: str | os.PathLike | None) -> _Plan:
-    table = _read_manifest(manifest)
-    if spec.split is not None:
-        table = table.filter(pc.equal(table["split"], spec.split))
-    if table.num_rows == 0:
-        raise ValueError(f"manifest has no rows of split {spec.split!r}")
-
-    # small-image rule (spec.py): leave out, warn with the count; none left is an error
-    need = spec.min_side
-    side = pc.min_element_wise(table["width"], table["height"])
-    big = pc.greater_equal(side, need)
-    n_small = table.num_rows - int(pc.sum(big).as_py() or 0)
-    if n_small == table.num_rows:
-        i = int(pc.index(side, pc.max(side)).as_py())
-        raise ValueError(
-            f"no image of split {spec.split!r} is at least {need}x{need} (crop {spec.crop}"
-            f"{f', parent crop {need}' if spec.task == 'pretrain' else ''}); the largest is "
-            f"{table['width'][i].as_py()}x{table['height'][i].as_py()} ({table['path'][i].as_py()})"
-        )
-    if n_small:
-        warnings.warn(
-            f"{n_small} of {table.num_rows} images of split {spec.split!r} are smaller than {need}x{need} "
-            f"and are left out", stacklevel=3
-        )
-        table = table.filter(big)
+    table = pipeline_rows(load_manifest(manifest), spec, stacklevel=4)  # split, *_real, small-image rule
 
     fixed = spec.realisation == "fixed" and spec.task in ("pretrain", "n2n", "denoise", "jdd")
     if spec.realisation == "fixed" and spec.task == "jdensr":

@@ -68,6 +68,8 @@ __all__ = [
     "IndexResult",
     "index_images",
     "read_manifest",
+    "load_manifest",
+    "check_manifest",
     "manifest_noise",
     "check_paths",
     "simulate",
@@ -703,6 +705,22 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> pa.Table
         table = pq.read_table(path)
     except Exception as e:  # ArrowInvalid and friends
         raise ValueError(f"{path}: not a readable Parquet manifest ({type(e).__name__}: {e})") from None
+    return check_manifest(table, str(path), split)
+
+
+def load_manifest(manifest: pa.Table | str | os.PathLike, split: str | None = None) -> pa.Table:
+    """A manifest file (:func:`read_manifest`) or an in-memory table (:func:`check_manifest`): what every
+    input pipeline (DALI, the reference DataLoader) reads, checked one way."""
+    if isinstance(manifest, pa.Table):
+        return check_manifest(manifest, "manifest table", split)
+    return read_manifest(manifest, split)
+
+
+def check_manifest(table: pa.Table, where: str = "manifest table", split: str | None = None) -> pa.Table:
+    """The checks of :func:`read_manifest` on a table already in memory; errors start with ``where``."""
+    path = where
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     missing = [f for f in MANIFEST_SCHEMA if f.name not in table.column_names]
     if missing:
         cols = ", ".join(f"'{f.name}' ({f.type})" for f in missing)

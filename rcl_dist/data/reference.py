@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcl_dist.data.images import load_image
+from rcl_dist.data.manifest import load_manifest
 from rcl_dist.data.spec import (
     PairSpec,
     crop_geometry,
     derived_seed,
     fixed_noisy_image,
-    is_real_noisy,
+    pipeline_rows,
     real_partner,
     simulated_path,
 )
@@ -194,13 +195,7 @@ class _LRU:
 
 
 def _read_manifest(manifest) -> dict[str, list]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = manifest if isinstance(manifest, pa.Table) else pq.read_table(os.fspath(manifest))
-    missing = [c for c in _REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"manifest lacks the columns {missing} (see rcl_dist.data.spec.MANIFEST_SCHEMA)")
+    table = load_manifest(manifest)
     return {c: table.column(c).to_pylist() for c in _REQUIRED_COLUMNS}
 
 
@@ -275,34 +270,8 @@ class ManifestPairs(Dataset):
                 "task 'jdensr' adds noise to the LR image; a stored realisation is of the full-size image, and "
                 "downscaling it would change the noise level: use realisation='fresh'"
             )
-        cols = _read_manifest(manifest_table_or_path)
-        rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
-        if spec.split is not None:
-            rows = [r for r in rows if r["split"] == spec.split]
-        what = f"split {spec.split!r}" if spec.split is not None else "manifest"
-        if spec.task == "real":
-            rows = [r for r in rows if is_real_noisy(r["path"])]
-            what = f"*_real images of the {what}"
-        if not rows:
-            raise ValueError(f"no images in the {what}")
-
-        # the small-image rule of spec.py, on the sizes recorded in the manifest
-        need = spec.min_side
-        small = [r for r in rows if min(r["width"], r["height"]) < need]
-        if small:
-            rows_big = [r for r in rows if min(r["width"], r["height"]) >= need]
-            if not rows_big:
-                big = max(rows, key=lambda r: (min(r["width"], r["height"]), r["width"] * r["height"]))
-                raise ValueError(
-                    f"no image of the {what} fits the crop: task {spec.task!r} with crop {spec.crop} needs both "
-                    f"sides >= {need}; the largest image is {big['path']} ({big['width']}x{big['height']})"
-                )
-            warnings.warn(
-                f"{len(small)} of {len(rows)} images of the {what} are smaller than {need}x{need} "
-                f"(task {spec.task!r}, crop {spec.crop}) and are left out",
-                stacklevel=2,
-            )
-            rows = rows_big
+        table = pipeline_rows(load_manifest(manifest_table_or_path), spec)  # split, *_real, small-image rule
+        rows = [dict(zip(_REQUIRED_COLUMNS, vals)) for vals in zip(*(table.column(c).to_pylist() for c in _REQUIRED_COLUMNS))]
 
         # files that vanished since indexing
         def present(r: dict) -> bool:
@@ -318,7 +287,7 @@ class ManifestPairs(Dataset):
                 stacklevel=2,
             )
             if not rows:
-                raise ValueError(f"none of the indexed images of the {what} exists any more")
+                raise ValueError(f"none of the indexed images of split {spec.split!r} exists any more")
         self.rows = rows
 
         if self.simulated_dir is not None and spec.realisation == "fixed" and spec.task not in ("sr", "real"):

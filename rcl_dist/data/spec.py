@@ -51,6 +51,7 @@ __all__ = [
     "derived_seed",
     "is_real_noisy",
     "real_partner",
+    "pipeline_rows",
 ]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -203,3 +204,38 @@ def real_partner(path: str | Path) -> str:
     if not is_real_noisy(p):
         raise ValueError(f"{p}: task 'real' needs files named *_real.* (clean partner *_mean.*)")
     return str(p.with_name(p.stem[: -len("_real")] + "_mean" + p.suffix))
+
+
+def pipeline_rows(table: pa.Table, spec: PairSpec, stacklevel: int = 3) -> pa.Table:
+    """The manifest rows a pipeline of ``spec`` draws from (the DALI and the reference pipeline alike):
+    the rows of ``spec.split``, for task ``real`` only the ``*_real`` photographs, then the small-image
+    rule of this module's docstring on the recorded sizes: images with a side below ``spec.min_side``
+    are left out with a warning that counts them; none left is an error naming the crop, the size
+    needed and the largest image."""
+    import warnings
+
+    import pyarrow.compute as pc
+
+    what = f"split {spec.split!r}" if spec.split is not None else "manifest"
+    if spec.split is not None:
+        table = table.filter(pc.equal(table["split"], spec.split))
+    if spec.task == "real":  # a pair folder's manifest lists both files of a pair: the *_real ones are the samples
+        table = table.filter(pa.array([is_real_noisy(p) for p in table["path"].to_pylist()], type=pa.bool_()))
+        what = f"*_real images of the {what}"
+    if table.num_rows == 0:
+        raise ValueError(f"no images in the {what}")
+    need = spec.min_side
+    w, h = table["width"].to_pylist(), table["height"].to_pylist()
+    big = [min(a, b) >= need for a, b in zip(w, h)]
+    if not any(big):
+        i = max(range(len(w)), key=lambda j: (min(w[j], h[j]), w[j] * h[j]))
+        raise ValueError(
+            f"no image of the {what} is at least {need}x{need} (task {spec.task!r}, crop {spec.crop}"
+            f"{f', parent crop {need}' if spec.task == 'pretrain' else ''}); the largest is {w[i]}x{h[i]}: "
+            f"{table['path'][i].as_py()}"
+        )
+    if not all(big):
+        warnings.warn(f"{len(big) - sum(big)} of {len(big)} images of the {what} are smaller than {need}x{need} "
+                      f"(task {spec.task!r}, crop {spec.crop}) and are left out", stacklevel=stacklevel)  # fmt: skip
+        table = table.filter(pa.array(big, type=pa.bool_()))
+    return table
