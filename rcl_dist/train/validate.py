@@ -1,4 +1,4 @@
-"""Proxy validation during pre-training: the objective a sweep trial reports (issue: Ray Tune sweeps).
+"""Proxy validation during pre-training: the objective a sweep trial reports to Ray Tune.
 
 The pretext loss is not the objective: a low contrastive loss does not mean good transfer. What a
 sweep ranks is the paper's proxy evaluation (Sec. 4) on a *validation* split of the training data:
@@ -142,7 +142,7 @@ class ProxyValidator:
             self._load(gray)
         spec = self._spec()
         net = copy.deepcopy(model).float()
-        prepare_loaded_model(net, self.cfg, spec)  # proxy: the fine-tuning issue's fresh last layer
+        prepare_loaded_model(net, self.cfg, spec)  # proxy: fine-tuning's fresh last layer
         last, trace = fit_proxy(net, self._labels, spec, device, reduce=False, verbose=False)
         net.eval()
         psnr, ssim = [], []
