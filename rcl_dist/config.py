@@ -34,6 +34,8 @@ __all__ = [
     "read_yaml_mapping",
     "load_yaml_text",
     "show_value",
+    "check_choice",
+    "check_int_at_least",
     "RANGES",
     "MAX_YAML_VALUES",
 ]
@@ -300,9 +302,19 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     raise ConfigError(f"{key} must be {names}, got {show_value(value)}")
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """``value`` must be one of ``allowed``; the error names ``key`` (every validator of the product)."""
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {list(allowed)}, got {show_value(value)}")
+
+
+def check_int_at_least(key: str, value: Any, minimum: int) -> None:
+    """``value`` must be an int (not a bool) >= ``minimum``; the error names ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {show_value(value)}")
+
+
+_choice = check_choice
 
 
 def _at_least(key: str, value: int, minimum: int) -> None:

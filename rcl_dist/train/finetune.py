@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcl_dist.config import Config, ConfigError
+from rcl_dist.config import Config, ConfigError, check_choice, check_int_at_least
 from rcl_dist.train.probe import PROBE_FITS, ProbeOptions, ProbeTrace, fit_head
 from rcl_dist.train.schedule import SCHEDULES, lr_factor
 
@@ -100,16 +100,6 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-7  # Sec. 4
 
 
 # ------------------------------------------------------------------------------------------ the spec
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 @dataclass
@@ -170,28 +160,28 @@ class FinetuneSpec:
                 setattr(self, name, os.path.abspath(os.path.expanduser(value)))
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"source must be a checkpoint path or 'none', got {self.source!r}")
-        _choice("task", self.task, FINETUNE_TASKS)
-        _choice("mode", self.mode, FINETUNE_MODES)
-        _choice("head", self.head, HEAD_CHOICES)
-        _choice("split", self.split, ("train", "val", "test"))
-        _choice("realisation", self.realisation, ("fresh", "fixed"))
-        _choice("fit", self.fit, PROBE_FITS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _int_at_least("probe_max_iters", self.probe_max_iters, 1)
-        _int_at_least("warmup", self.warmup, 0)
+        check_choice("task", self.task, FINETUNE_TASKS)
+        check_choice("mode", self.mode, FINETUNE_MODES)
+        check_choice("head", self.head, HEAD_CHOICES)
+        check_choice("split", self.split, ("train", "val", "test"))
+        check_choice("realisation", self.realisation, ("fresh", "fixed"))
+        check_choice("fit", self.fit, PROBE_FITS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_int_at_least("probe_max_iters", self.probe_max_iters, 1)
+        check_int_at_least("warmup", self.warmup, 0)
         for name in ("ridge", "probe_tol"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
             setattr(self, name, float(v))
-        _int_at_least("labels", self.labels, 1)
-        _int_at_least("steps", self.steps, 1)
-        _int_at_least("batch_size", self.batch_size, 1)
-        _int_at_least("seed", self.seed, 0)
-        _int_at_least("crop", self.crop, 8)
-        _int_at_least("workers", self.workers, 1)
-        _int_at_least("label_threads", self.label_threads, 0)
-        _int_at_least("log_every", self.log_every, 1)
+        check_int_at_least("labels", self.labels, 1)
+        check_int_at_least("steps", self.steps, 1)
+        check_int_at_least("batch_size", self.batch_size, 1)
+        check_int_at_least("seed", self.seed, 0)
+        check_int_at_least("crop", self.crop, 8)
+        check_int_at_least("workers", self.workers, 1)
+        check_int_at_least("label_threads", self.label_threads, 0)
+        check_int_at_least("log_every", self.log_every, 1)
         if self.warmup >= self.steps:
             raise ConfigError(f"warmup {self.warmup} must be smaller than steps {self.steps}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -277,7 +267,7 @@ def head_kind(head: nn.Module) -> str:
 
 def task_head(model: nn.Module, cfg: Config, task: str) -> tuple[str, int]:
     """(head kind, output channels) of ``task`` for this model; ValueError for an impossible pairing."""
-    _choice("task", task, FINETUNE_TASKS)
+    check_choice("task", task, FINETUNE_TASKS)
     raw = getattr(model, "raw", None)
     if task == "jdd":
         if raw == "packed":
