@@ -49,7 +49,8 @@ __all__ = [
 ]
 
 # Images each optimiser step passes through the model, per batch image: RCL-style methods run both crops.
-_FORWARDS = {"rcl": 2, "consistency": 2, "n2n": 1, "n2s": 1, "supervised": 1}
+# Blind2Unblind: its g*g masked copies with gradients.
+_FORWARDS = {"rcl": 2, "consistency": 2, "n2n": 1, "n2s": 1, "nb2nb": 1, "supervised": 1}
 
 
 def build_consistency_from_config(cfg: Config, encoder_weights: str | None = "from-config") -> nn.Module | None:
@@ -212,7 +213,7 @@ def estimate_training_memory(cfg: Config, batch: int) -> tuple[int, int]:
     crop, raw = cfg.data.crop, cfg.model.raw
     channels = {None: cfg.model.in_channels, "mosaic": 1, "packed": 4}[raw]
     side = crop // 2 if raw == "packed" else crop
-    images = batch * _FORWARDS.get(cfg.loss.method, 2)
+    images = batch * (cfg.loss.b2u_grid**2 if cfg.loss.method == "b2u" else _FORWARDS.get(cfg.loss.method, 2))
     elements = 0
 
     def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
