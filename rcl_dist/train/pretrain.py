@@ -40,8 +40,7 @@ __all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", 
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
-# The pipeline task that feeds each pre-training method.
-# the pipeline task of each method; nb2nb / b2u / n2s read only the noisy "input" of a denoise batch
+# The pipeline task that feeds each pre-training method (n2s, nb2nb, b2u read only a denoise batch's noisy "input").
 METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "nb2nb": "denoise",
                "b2u": "denoise", "supervised": "denoise"}  # fmt: skip
 
