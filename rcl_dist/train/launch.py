@@ -18,7 +18,7 @@ import numpy as np
 
 from rcl_dist.config import Config, ConfigError
 
-__all__ = ["run_pretrain", "ensure_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
+__all__ = ["run_pretrain", "ensure_ray", "choose_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
 
 RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id and the manifest used
 
@@ -28,44 +28,79 @@ def rcl_home() -> Path:
     return Path(os.environ.get("RCL_DIST_HOME", Path.home() / ".rcl_dist")).expanduser()
 
 
-def _running_cluster(timeout_s: float = 1.0) -> str | None:
-    """The address of a cluster started with ``ray start`` on this node (``ray up`` heads), if it
-    answers within ``timeout_s``; a stale address file is ignored (``ray.init(address="auto")``
-    would wait minutes on it)."""
+def _answers(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``address`` (``host:port``, ``ray://host:port``)
+    within ``timeout_s``: a dead head's port refuses at once, where ``ray.init`` would wait minutes."""
     import socket
 
-    from ray._private.utils import read_ray_address
-
-    address = read_ray_address()
-    if not address or ":" not in address:
-        return None
-    host, port = address.rsplit(":", 1)
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    if ":" not in hostport:
+        return False
+    host, port = hostport.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return address
+            return True
     except (OSError, ValueError):
-        return None
+        return False
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up``/``ray start`` runs on
-    this node); otherwise start a local Ray whose servers all listen on 127.0.0.1 only.
+def _address_file() -> Path:
+    """Ray's current-cluster file (``ray start`` writes it; ``$RAY_TMPDIR/ray``, default /tmp/ray)."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def choose_ray(requested: str | None, recorded: str | None, answers: Callable[[str], bool] = _answers) -> tuple[str | None, str]:
+    """(address to join or None for a fresh local Ray, a sentence saying which Ray and why).
+
+    ``requested``: what the user asked for (``RAY_ADDRESS``); ``recorded``: the address in Ray's
+    current-cluster file, i.e. this machine is a cluster node started with ``ray start``. A cluster is
+    joined only when asked for or recorded, and only when it answers: a file left by a head that died
+    uncleanly is ignored (``ray.init()`` would try to join it). A requested address that does not
+    answer is an error: the user asked for that cluster, not for a local one.
+    """
+    if requested and requested not in ("local", "auto"):
+        if not answers(requested):
+            raise ConfigError(f"RAY_ADDRESS={requested}: no Ray cluster answers there (unset RAY_ADDRESS to start a local Ray)")
+        return requested, f"Ray: joining the cluster at {requested} (RAY_ADDRESS)"
+    if requested != "local" and recorded:
+        if answers(recorded):
+            return recorded, f"Ray: joining the cluster of this node at {recorded} (started with `ray start`)"
+        if requested == "auto":
+            raise ConfigError(f"RAY_ADDRESS=auto: the cluster recorded on this node ({recorded}) does not answer")
+        return None, f"Ray: starting a local Ray on 127.0.0.1 (ignored a stale cluster address {recorded}: nothing answers there)"
+    if requested == "auto":
+        raise ConfigError("RAY_ADDRESS=auto: no Ray cluster was started on this node (`ray start`)")
+    return None, "Ray: starting a local Ray on 127.0.0.1"
+
+
+def _ray_choice() -> tuple[str | None, str]:
+    f = _address_file()
+    recorded = f.read_text().strip() if f.is_file() else None
+    return choose_ray(os.environ.get("RAY_ADDRESS") or None, recorded or None)
+
+
+def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Join the Ray cluster the user asked for (``RAY_ADDRESS``) or that this node belongs to, when it
+    answers (see :func:`choose_ray`); otherwise start a local Ray whose servers all listen on 127.0.0.1
+    only. ``log`` (default: stderr) is told which Ray is used.
 
     Ray resolves a node address of 127.0.0.1 to the machine's routable address and binds its servers
     there (``_node_ip_address`` cannot change that); its single-machine mode, selected with
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, uses the loopback address instead. The variable is set for
     the processes Ray starts, and the constant Ray read at import is set for this one.
     """
+    import sys
+
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    running = _running_cluster()
-    if running is not None:
-        ray.init(address=running)
+    address, why = _ray_choice()
+    (log or (lambda s: print(s, file=sys.stderr, flush=True)))(why)
+    if address is not None:
+        ray.init(address=address)
         return
     import ray._private.ray_constants as ray_constants
 
@@ -73,6 +108,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
     ray.init(
+        address="local",  # never Ray's own lookup: it reads the address file and joins even a dead head
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
@@ -89,7 +125,7 @@ def _ray_is_local() -> bool:
 
     if ray.is_initialized():
         return all(n.get("NodeManagerAddress") == "127.0.0.1" for n in ray.nodes())
-    return not os.environ.get("RAY_ADDRESS") and _running_cluster() is None
+    return _ray_choice()[0] is None
 
 
 def check_gpus(needed: int, key: str) -> None:
@@ -226,7 +262,7 @@ def run_pretrain(
 
         check_memory(cfg, workers=cfg.dist.workers)
     # Ray first: a request it cannot meet fails here, before any run or folder is created
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1), log=log)
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
     tracker = None
     if resume:
