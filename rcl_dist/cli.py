@@ -190,10 +190,16 @@ def _pretrain(cfg, save: Path | None) -> int:
     return 0
 
 
-def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
-    from rcl_dist.train.launch import run_pretrain
+def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
+    from rcl_dist.train.launch import PretrainInterrupted, run_pretrain
 
-    r = run_pretrain(cfg, resume=resume, tracking_uri=tracking_uri)
+    try:
+        r = run_pretrain(cfg, resume=resume, tracking_uri=tracking_uri)
+    except PretrainInterrupted as e:
+        print(f"rcl-dist: {e}", file=sys.stderr, flush=True)
+        return 130
+    if r.metrics is None and r.seconds == 0.0:  # a resume of a complete run: nothing was done
+        return 0
     m = r.metrics or {}
     print(
         f"run {r.run_name} finished in {r.seconds:.1f} s: step {m.get('step', float('nan')):.0f}, "
@@ -203,6 +209,7 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
     if r.mlflow_run_id:
         print(f"MLflow run {r.mlflow_run_id} in {r.tracking_uri}")
         print(f"open the UI with:  mlflow ui --backend-store-uri {r.tracking_uri}  (then http://127.0.0.1:5000)")
+    return 0
 
 
 def _finetune(args) -> None:
@@ -277,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_demo([*DEMO_OVERRIDES, *args.overrides], pretrain_steps=args.steps)
         elif args.command == "pretrain":
-            cfg = load_config(args.config, args.overrides)
+            if args.resume and args.local:
+                raise ConfigError("--resume continues a distributed run: it cannot be used with --local")
+            if args.resume:  # the run's own stored config, with only what the user gave laid over it
+                from rcl_dist.config import config_layer
+                from rcl_dist.train.launch import resume_config
+
+                cfg = resume_config(config_layer(args.config, args.overrides), log=lambda s: print(s, flush=True))
+            else:
+                cfg = load_config(args.config, args.overrides)
             if args.local:
                 return _pretrain(cfg, args.save)
             else:
-                _pretrain_distributed(cfg, args.resume, args.tracking_uri)
+                return _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
             _data(args)
         elif args.command == "finetune":

@@ -31,6 +31,7 @@ __all__ = [
     "TrackingConfig",
     "ConfigError",
     "load_config",
+    "config_layer",
     "read_yaml_mapping",
     "load_yaml_text",
     "show_value",
@@ -446,6 +447,12 @@ def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    return Config.from_dict(config_layer(path, overrides))
+
+
+def config_layer(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Only what the user gave: the YAML file's sections <- ``section.key=value`` overrides, without
+    the defaults (``--resume`` lays it over the run's stored config)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(path, "config file", "a config file must be a mapping of sections")
@@ -458,7 +465,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"config section {parts[0]!r} must be a mapping")
         raw[parts[0]][parts[1]] = load_yaml_text(text, f"override {key.strip()}") if text.strip() else None
-    return Config.from_dict(raw)
+    return raw
 
 
 # methods whose loss compares f(x) with a pixel target: the global input skip helps them

@@ -18,9 +18,70 @@ import numpy as np
 
 from rcl_dist.config import Config, ConfigError
 
-__all__ = ["run_pretrain", "ensure_ray", "choose_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
+__all__ = ["run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
 
-RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id and the manifest used
+RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id, the manifest, the config
+# what `--resume` may change in a run's stored config (the rest would not match its checkpoints)
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "dist.max_failures", "dist.checkpoint_every", "data.threads")
+
+
+class PretrainInterrupted(Exception):
+    """The run was interrupted (Ctrl-C / SIGINT); the message says at which step and how to resume."""
+
+
+def _run_dir(storage_path: str | None, name: str) -> Path:
+    storage = Path(storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    return storage / name
+
+
+def check_run_name(name: str) -> None:
+    """A run name becomes a folder under the results folder: one plain path component."""
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not name.strip():
+        raise ConfigError(f"dist.run_name {name!r}: must be a plain folder name (no '/', no '..')")
+
+
+def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> Config:
+    """The config of ``--resume``: the run's own stored config (its run state, or for runs written
+    before it was kept there, its newest valid checkpoint), with ``given`` (the user's --config file and
+    overrides, see :func:`rcl_dist.config.config_layer`) laid over it. ``given`` must name
+    ``dist.run_name``; it may change only :data:`RESUMABLE_KEYS`, anything else is a ConfigError
+    naming the key, the stored and the given value."""
+    dist = given.get("dist") or {}
+    name = dist.get("run_name")
+    if not name:
+        raise ConfigError("--resume needs dist.run_name: the run to continue")
+    check_run_name(str(name))
+    run_dir = _run_dir(dist.get("storage_path"), str(name))
+    state_file = run_dir / RUN_STATE
+    if not state_file.is_file():
+        raise ConfigError(f"--resume: no run {name!r} under {run_dir.parent} (missing {state_file})")
+    stored = json.loads(state_file.read_text()).get("config")
+    if stored is None:  # a run from before the config was kept in its state: the checkpoint has it
+        from rcl_dist.models.io import newest_valid_checkpoint
+
+        try:
+            stored = newest_valid_checkpoint(run_dir, log=log)[1]["config"]
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--resume: run {name!r} has no stored config in {state_file} and no valid checkpoint ({e})") from None
+    stored_cfg = Config.from_dict(stored).to_dict()
+    merged = {sec: dict(vals) for sec, vals in stored_cfg.items()}
+    for sec, vals in given.items():
+        if not isinstance(vals, dict):
+            raise ConfigError(f"config section {sec!r} must be a mapping")
+        merged.setdefault(sec, {}).update(vals)
+    merged["dist"]["run_name"] = str(name)
+    cfg = Config.from_dict(merged)
+    new = cfg.to_dict()
+    for sec, vals in new.items():
+        for key, value in vals.items():
+            full = f"{sec}.{key}"
+            if full in ("dist.run_name", "dist.storage_path") or stored_cfg.get(sec, {}).get(key) == value:
+                continue
+            if full not in RESUMABLE_KEYS:
+                raise ConfigError(f"{full}: run {name!r} was trained with {stored_cfg[sec][key]!r}, --resume cannot change "
+                                  f"it to {value!r} (a resume keeps the run's config; it may change {', '.join(RESUMABLE_KEYS)})")  # fmt: skip
+            log(f"resume: {full} {stored_cfg[sec][key]!r} -> {value!r}")
+    return cfg
 
 
 def rcl_home() -> Path:
@@ -219,6 +280,16 @@ class PretrainResult:
     seconds: float
 
 
+def _newest_step(run_dir: Path) -> int:
+    """The step of the newest valid checkpoint in ``run_dir`` (0 when there is none)."""
+    from rcl_dist.models.io import newest_valid_checkpoint
+
+    try:
+        return int(newest_valid_checkpoint(run_dir)[1].get("step", 0))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def simulated_dir_for(cfg: Config, manifest: str | Path) -> str:
     """Where a run's stored noisy realisations live (``data.realisation=fixed``): ``data.simulated_dir``
     when set, else ``<manifest stem>_simulated`` beside the manifest (what ``rcl-dist data simulate``
@@ -250,12 +321,28 @@ def run_pretrain(
     if resume and not cfg.dist.run_name:
         raise ConfigError("--resume needs dist.run_name: the run to continue")
     name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
+    check_run_name(name)
     run_dir = storage / name
     state_file = run_dir / RUN_STATE
     if resume and not state_file.is_file():
         raise ConfigError(f"--resume: no run {name!r} under {storage} (missing {state_file})")
     if not resume and run_dir.exists():
         raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
+    resume_from, start_step = None, 0
+    if resume:
+        from rcl_dist.models.io import newest_valid_checkpoint
+
+        try:  # the newest valid checkpoint on disk: Ray may not have registered the last one
+            ckpt_file, ckpt_state = newest_valid_checkpoint(run_dir, log=log)
+            resume_from, start_step = str(ckpt_file.parent), int(ckpt_state.get("step", 0))
+        except FileNotFoundError:
+            pass  # interrupted before its first checkpoint: starts again from step 0
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        if start_step >= cfg.train.steps:
+            log(f"run {name} is complete: its newest checkpoint is at step {start_step} (train.steps={cfg.train.steps}); "
+                f"nothing to do (pass train.steps=N to train further)")  # fmt: skip
+            return PretrainResult(name, str(storage), None, resume_from, None, None, 0.0)
 
     if not cfg.dist.use_gpu and _ray_is_local():  # the workers share this machine's memory
         from rcl_dist.train.local import check_memory
@@ -268,6 +355,8 @@ def run_pretrain(
     if resume:
         state = json.loads(state_file.read_text())
         manifest, run_id, uri = Path(state["manifest"]), state["mlflow_run_id"], state["tracking_uri"]
+        if not manifest.is_file():  # before the MLflow run is reopened: a failure here changes no record
+            raise ConfigError(f"--resume: run {name!r} trained on {manifest}, which no longer exists")
         if run_id is not None:
             from rcl_dist.tracking import RunTracker
 
@@ -282,7 +371,8 @@ def run_pretrain(
             tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
             run_id = tracker.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
+        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri,
+                                          "config": cfg.to_dict()}))  # fmt: skip
 
     simulated = simulated_dir_for(cfg, manifest)
     trainer = TorchTrainer(
@@ -293,6 +383,7 @@ def run_pretrain(
             "simulated_dir": simulated,
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
+            "resume_from": resume_from,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.dist.workers,
@@ -315,8 +406,20 @@ def run_pretrain(
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's own SIGINT handler aborts the workers and leaves with SystemExit
+        status = "KILLED"
+        step = _newest_step(run_dir)
+        raise PretrainInterrupted(
+            f"run {name} interrupted at step {step} (newest valid checkpoint in {run_dir}); resume with: "
+            f"rcl-dist pretrain --resume dist.run_name={name}" + (f" dist.storage_path={storage}" if cfg.dist.storage_path else "")
+            if step else f"run {name} interrupted before its first checkpoint; resume with: rcl-dist pretrain --resume dist.run_name={name}"
+        ) from None
     finally:
         if tracker is not None:
+            if status == "FAILED" and _newest_step(run_dir) <= start_step and tracker.previous_status in ("FINISHED", "FAILED", "KILLED"):
+                # nothing trained (a failure before the first new checkpoint): the record keeps its status
+                status = tracker.previous_status
             tracker.end(status)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, str(storage), result.metrics, ckpt, run_id, uri, time.perf_counter() - t0)
