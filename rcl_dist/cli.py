@@ -162,7 +162,7 @@ def _pretrain(cfg, save: Path | None) -> int:
     print(
         f"pre-training {cfg.model.name} (width {cfg.model.width}, depth {cfg.model.depth}) with "
         f"method={cfg.loss.method} distance={cfg.loss.distance} tau={cfg.loss.temperature} alpha={cfg.loss.alpha} "
-        f"on {cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
+        f"on {('manifest ' + cfg.data.manifest) if cfg.data.manifest else cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
         flush=True,
     )
     try:

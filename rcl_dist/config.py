@@ -210,6 +210,11 @@ class DistConfig:
             raise ConfigError("dist.negatives 'global+queue' needs dist.queue_size >= 1")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"dist.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.run_name is not None:  # it becomes a folder under the results folder: one plain name
+            n = self.run_name
+            if not n.strip() or n in (".", "..") or any(c in n for c in "/\\\0") or n != n.strip():
+                raise ConfigError(f"dist.run_name {show_value(n)}: must be a plain folder name (no '/', '\\', '..', "
+                                  "surrounding spaces): runs are folders under dist.storage_path")  # fmt: skip
 
 
 @dataclass

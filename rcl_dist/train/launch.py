@@ -34,12 +34,6 @@ def _run_dir(storage_path: str | None, name: str) -> Path:
     return storage / name
 
 
-def check_run_name(name: str) -> None:
-    """A run name becomes a folder under the results folder: one plain path component."""
-    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not name.strip():
-        raise ConfigError(f"dist.run_name {name!r}: must be a plain folder name (no '/', no '..')")
-
-
 def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> Config:
     """The config of ``--resume``: the run's own stored config (its run state, or for runs written
     before it was kept there, its newest valid checkpoint), with ``given`` (the user's --config file and
@@ -50,7 +44,7 @@ def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> 
     name = dist.get("run_name")
     if not name:
         raise ConfigError("--resume needs dist.run_name: the run to continue")
-    check_run_name(str(name))
+    Config.from_dict({"dist": {"run_name": str(name)}})  # the same rule as every run name: no path
     run_dir = _run_dir(dist.get("storage_path"), str(name))
     state_file = run_dir / RUN_STATE
     if not state_file.is_file():
@@ -168,6 +162,7 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
+    _local_auth_token()
     ray.init(
         address="local",  # never Ray's own lookup: it reads the address file and joins even a dead head
         num_cpus=num_cpus,
@@ -177,6 +172,29 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = 
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         raise RuntimeError(f"local Ray started on {node_ip}, not on loopback 127.0.0.1")
+
+
+def _local_auth_token() -> Path | None:
+    """Point Ray's token authentication at ``$RCL_DIST_HOME/ray/auth_token`` (created once, mode 0600)
+    unless the user set ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``: without it a local Ray writes its
+    token to ``~/.ray/auth_token``, outside RCL_DIST_HOME. Set in this process's environment, so the
+    processes Ray starts read the same file."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    token = rcl_home() / "ray" / "auth_token"
+    if not token.is_file() or not token.read_text().strip():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token.with_name(f".auth_token.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())  # what Ray's own generator makes: 256 bits
+        finally:
+            os.close(fd)
+        os.replace(tmp, token)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return token
 
 
 def _ray_is_local() -> bool:
@@ -269,6 +287,24 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
     return out
 
 
+def check_crop_fits(cfg: Config, manifest: str | Path) -> None:
+    """ConfigError naming ``data.crop`` when no image of ``data.split`` in ``manifest`` is large enough
+    for the crop the workers will take (the small-image rule of data/spec.py, on the manifest's sizes):
+    the workers would otherwise fail only after the run is created."""
+    from rcl_dist.data.manifest import read_manifest
+    from rcl_dist.train.pretrain import pair_spec
+
+    need = pair_spec(cfg, 0, cfg.dist.workers).min_side
+    rows = read_manifest(manifest, cfg.data.split).select(["path", "width", "height"]).to_pylist()
+    if not rows:
+        raise ConfigError(f"data.split={cfg.data.split!r}: {manifest} has no images of that split")
+    big = max(rows, key=lambda r: (min(r["width"], r["height"]), r["width"] * r["height"]))
+    if min(big["width"], big["height"]) < need:
+        parent = f" (two crops overlapping by data.overlap={cfg.data.overlap} need {need}x{need})" if need != cfg.data.crop else ""
+        raise ConfigError(f"data.crop={cfg.data.crop}: no image of split {cfg.data.split!r} in {manifest} is large enough"
+                          f"{parent}; the largest is {big['width']}x{big['height']} ({big['path']})")  # fmt: skip
+
+
 @dataclass
 class PretrainResult:
     run_name: str
@@ -321,7 +357,6 @@ def run_pretrain(
     if resume and not cfg.dist.run_name:
         raise ConfigError("--resume needs dist.run_name: the run to continue")
     name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
-    check_run_name(name)
     run_dir = storage / name
     state_file = run_dir / RUN_STATE
     if resume and not state_file.is_file():
@@ -348,7 +383,10 @@ def run_pretrain(
         from rcl_dist.train.local import check_memory
 
         check_memory(cfg, workers=cfg.dist.workers)
-    # Ray first: a request it cannot meet fails here, before any run or folder is created
+    if not resume:  # the images and the crop: checked (and indexed) before Ray, a run or a folder exists
+        manifest = ensure_manifest(cfg, log)
+        check_crop_fits(cfg, manifest)
+    # then Ray: a request it cannot meet fails here, before any run or folder is created
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1), log=log)
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
     tracker = None
@@ -362,7 +400,6 @@ def run_pretrain(
 
             tracker = RunTracker.start(uri, cfg.tracking.experiment, None, None, run_id=run_id)
     else:
-        manifest = ensure_manifest(cfg, log)
         run_id, uri = None, None
         if cfg.tracking.enabled:
             from rcl_dist.tracking import RunTracker, resolve_tracking_uri

@@ -36,7 +36,7 @@ from rcl_dist.train.local import (
     manifest_noise_probe,
 )
 
-__all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
+__all__ = ["train_func_per_worker", "pair_spec", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
@@ -77,10 +77,10 @@ def _maybe_fault(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no exception handler runs
 
 
-def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: torch.device):
-    """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
+def pair_spec(cfg: Config, rank: int = 0, world: int = 1) -> PairSpec:
+    """What rank ``rank`` of ``world`` asks its input pipeline for (the driver checks the crop with it)."""
     raw = cfg.model.raw
-    spec = PairSpec(
+    return PairSpec(
         noise=cfg.data.noise,
         task=METHOD_TASK[cfg.loss.method],
         crop=cfg.data.crop,
@@ -94,6 +94,11 @@ def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: tor
         split=cfg.data.split,
         gray=cfg.model.in_channels == 1,
     )
+
+
+def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: torch.device):
+    """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
+    spec = pair_spec(cfg, rank, world)
     manifest, simulated = loop_config["manifest"], loop_config.get("simulated_dir")
     if cfg.data.engine == "dali":
         from rcl_dist.data.dali import DALILoader

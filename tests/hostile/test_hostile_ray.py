@@ -75,7 +75,7 @@ def test_ray_address_auto_with_stale_file_is_a_clear_error(dead):
         choose_ray("auto", dead)
 
 
-def test_real_local_start_beside_stale_address_file(tmp_path):
+def test_real_local_start_beside_stale_address_file_token_under_rcl_home(tmp_path):
     """The probe itself: before the fix ``ensure_ray(num_cpus=...)`` raised "When connecting to an
     existing cluster, num_cpus and num_gpus must not be provided". A short temp folder: Ray's unix
     sockets live under it (path length limit 107)."""
@@ -84,7 +84,11 @@ def test_real_local_start_beside_stale_address_file(tmp_path):
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{dead_port}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(ray_tmp), RCL_DIST_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
+    user_home = tmp_path / "user_home"
+    user_home.mkdir()
+    env.update(RAY_TMPDIR=str(ray_tmp), RCL_DIST_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), HOME=str(user_home))
     code = (
         "import ray\n"
         "from rcl_dist.train.launch import ensure_ray\n"
@@ -101,6 +105,10 @@ def test_real_local_start_beside_stale_address_file(tmp_path):
     assert "num_cpus and num_gpus must not be provided" not in r.stderr
     assert f"LOG Ray: starting a local Ray on 127.0.0.1 (ignored a stale cluster address 127.0.0.1:{dead_port}" in r.stdout
     assert "NODES ['127.0.0.1']" in r.stdout and "CPUS 1.0" in r.stdout
+    # defect 9: Ray's auth token under RCL_DIST_HOME (private), nothing under the user's home
+    token = tmp_path / "home" / "ray" / "auth_token"
+    assert token.is_file() and len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0
+    assert not (user_home / ".ray").exists(), sorted(str(p) for p in user_home.rglob("*"))
 
 
 def _dead_port() -> int:
