@@ -18,7 +18,10 @@ import numpy as np
 
 from rcl_dist.config import Config, ConfigError
 
-__all__ = ["run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
+__all__ = [
+    "run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus",
+    "check_crop_fits", "rcl_home", "ensure_manifest", "PretrainResult",
+]  # fmt: skip
 
 RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id, the manifest, the config
 # what `--resume` may change in a run's stored config (the rest would not match its checkpoints)
