@@ -87,6 +87,7 @@ __all__ = [
     "RUNTIME_DISTRIBUTIONS",
     "runtime_requirements",
     "model_signature",
+    "pyfunc_model_args",
     "encode_image_b64",
     "decode_image_b64",
     "eval_fingerprint",
@@ -254,6 +255,19 @@ def _server_error(message: str):
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
     return MlflowException(message, error_code=INTERNAL_ERROR)
+
+
+def pyfunc_model_args(checkpoint: str | os.PathLike, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> dict[str, Any]:
+    """The arguments of ``mlflow.pyfunc.log_model`` / ``save_model`` that make an rcl_dist denoiser:
+    the pyfunc as MLflow "models from code" (``python_model`` is the path of :mod:`rcl_dist.registry_model`,
+    so MLflow stores source, never a pickle of the class), ``tile``/``overlap`` as its model config, the
+    checkpoint as an artifact and the package as shipped code."""
+    return {
+        "python_model": str(_MODEL_CODE),
+        "model_config": {"tile": int(tile), "overlap": int(overlap)},
+        "artifacts": {"checkpoint": str(checkpoint)},
+        "code_paths": [str(_PACKAGE_DIR)],
+    }
 
 
 def model_signature(tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
@@ -573,11 +587,7 @@ def register(
             with _global_uris(uri), mlflow.start_run(run_id=reg_run_id, nested=True):
                 model_info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT,
-                    # models from code: a path, so MLflow keeps source, never a pickle of the class
-                    python_model=str(_MODEL_CODE),
-                    model_config={"tile": int(tile), "overlap": int(overlap)},
-                    artifacts={"checkpoint": str(ckpt)},
-                    code_paths=[str(_PACKAGE_DIR)],
+                    **pyfunc_model_args(ckpt, tile, overlap),
                     pip_requirements=runtime_requirements(),
                     signature=model_signature(tile, overlap),
                     input_example=_input_example(),
