@@ -435,13 +435,27 @@ def load_yaml_text(text: str, where: str) -> Any:
     return value
 
 
+MAX_YAML_BYTES = 1 << 20  # a config or search space file: a few KB in practice
+
+
 def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str, Any]:
     """A YAML file holding a mapping (empty file: ``{}``); errors name the file: ``{path}: {what} not
     found``, ``not valid YAML (...)``, or ``{path}: {not_mapping}``."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    if not p.is_file():  # a folder, a FIFO (would hang), a device such as /dev/zero (would never end)
+        kind = "a folder" if p.is_dir() else "not a regular file"
+        raise ConfigError(f"{path}: {what} is {kind}; give a YAML file")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit of a YAML mapping here")
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {what} cannot be read ({e.strerror or e})") from None
     raw = load_yaml_text(text, str(path))
     if raw is None:
         return {}

@@ -80,3 +80,22 @@ def test_run_name_with_path_parts_refused(tmp_path, home, name, capsys):
 def test_ordinary_run_names_still_accepted():
     for name in ("pretrain-20260101-000000", "run.v2", "..hidden-ish", "r_1"):
         assert load_config(None, [f"dist.run_name={name}"]).dist.run_name == name
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dev_zero", "binary", "huge"])
+def test_config_path_not_a_yaml_file_is_named(tmp_path, kind, capsys):
+    """`--config DIR` was a raw IsADirectoryError traceback; a FIFO would hang, /dev/zero never end."""
+    import os
+
+    path = {"folder": tmp_path, "dev_zero": Path("/dev/zero")}.get(kind, tmp_path / f"{kind}.yaml")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    elif kind == "huge":
+        path.write_text("# " + "x" * (2 << 20) + "\n")
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert {"folder": "is a folder", "fifo": "not a regular file", "dev_zero": "not a regular file",
+            "binary": "not UTF-8", "huge": "byte limit"}[kind] in err  # fmt: skip
