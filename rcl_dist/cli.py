@@ -346,7 +346,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"rcl-dist: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        where = _disk_full(e)
+        if where is None:
+            raise
+        print(f"rcl-dist: error: the disk is full ({where}): free some space and run the command again; files "
+              "written before are kept (checkpoints and outputs are replaced only once written whole)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """What was being written when ``e`` (or an error it was raised from) says the disk is full: an
+    ``OSError`` ENOSPC/EDQUOT (its file), or SQLite's "database or disk is full" (an MLflow store)."""
+    import errno
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"writing {x.filename}" if x.filename else "No space left on device"
+        if "database or disk is full" in str(x)[:1000]:
+            return "SQLite: database or disk is full, in the MLflow store"
+        todo += [x.__cause__, x.__context__, getattr(x, "orig", None)]
+    return None
 
 
 if __name__ == "__main__":

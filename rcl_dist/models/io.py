@@ -60,8 +60,13 @@ def _atomic_write(f: Path, write: Callable[[Any], None]) -> None:
             fh.flush()
             os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, f)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # torch.save into an open file reports a full disk without the file's name (a RuntimeError
+        # raised while handling the OSError): name the file the caller asked for
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None and cause.filename is None:
+            raise OSError(cause.errno, cause.strerror, str(f)) from e
         raise
 
 
