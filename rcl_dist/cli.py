@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     idx.add_argument("--noise", choices=("simulated", "none"), default="simulated",
                      help="simulated: clean images, noise added in training; none: real noisy photographs (train "
                           "with data.noise=none; *_mean clean references are left out)")  # fmt: skip
+    idx.add_argument("--replace", action="store_true",
+                     help="--out already indexes other folders: replace it with an index of these only (default: refuse)")
     sim = dsub.add_parser("simulate", help="materialise each image's fixed noisy realisation (.npy)")
     sim.add_argument("--manifest", type=Path, required=True)
     sim.add_argument("--out", type=Path, required=True, help="folder for the .npy files")
@@ -262,6 +264,7 @@ def _data(args) -> None:
             sampler=args.sampler,
             sampler_options=options,
             noise=args.noise,
+            replace=args.replace,
         )
     else:
         n = manifest.simulate(

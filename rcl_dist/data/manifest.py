@@ -510,6 +510,7 @@ def index_images(
     workers: int | None = None,
     checkpoint_s: float = 60.0,
     noise: str = "simulated",
+    replace: bool = False,
     log: Callable[[str], Any] = print,
 ) -> IndexResult:
     """Index the images under ``dirs`` into the manifest ``out`` (Parquet) and its rejects table.
@@ -537,8 +538,12 @@ def index_images(
 
     ``workers``: threads reading and decoding (default: up to 4); each holds one decoded image.
     ``log`` receives a line per rejected file (the first 20), progress lines, and the summary.
-    Raises FileNotFoundError for a missing folder, ValueError for bad settings or when ``out`` exists
-    but is not a manifest.
+    ``replace``: an existing ``out`` that holds files still on disk but outside the folders given now
+    (indexed from other folders) is refused unless ``replace``, before anything is written: a second
+    index of another folder to the same ``out`` would otherwise drop the first silently.
+
+    Raises FileNotFoundError for a missing folder, ValueError for bad settings, when ``out`` exists
+    but is not a manifest, or (without ``replace``) when it indexes files outside the given folders.
     """
     from rcl_dist.noise import sample_nlf
 
@@ -592,6 +597,17 @@ def index_images(
             result.outside += 1
         else:
             result.removed += 1
+    if result.outside and not replace:
+        try:
+            before = [f for f, _s in json.loads((pq.read_schema(out).metadata or {}).get(_META_KEY, b"{}")).get("folders", [])]
+        except (ValueError, AttributeError, TypeError):
+            before = []
+        example = sorted(p for p in old.keys() - entries.keys() if os.path.exists(p))[0]
+        raise ValueError(
+            f"{out}: already indexes {result.outside} file(s) outside the folder(s) given now"
+            + (f" (it was indexed from {', '.join(before)})" if before else "") + f", e.g. {example}; this run "
+            "would drop them: pass --replace to index only the given folders, or choose another --out"
+        )  # fmt: skip
 
     records: dict[str, tuple[dict[str, Any], str | None, int, int]] = {}
     reused: set[str] = set()

@@ -7,6 +7,7 @@ resumed with ``--resume``) logs into the same run, so the experiment never holds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -282,7 +283,9 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
         folder = Path(src)
     if not folder.is_dir():
         raise ConfigError(f"data.source: {folder} is not a folder")
-    out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}{'-real' if cfg.data.noise == 'none' else ''}.parquet"
+    # the folder's absolute path in the name: two folders of the same name get two manifests
+    tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+    out = rcl_home() / "manifests" / f"{folder.name}-{tag}-seed{cfg.train.seed}{'-real' if cfg.data.noise == 'none' else ''}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler in ("uniform", "gaussian") else None
     index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options,
