@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, load_image, read_regular_file, show_path
+from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, exif_orientation, load_image, read_regular_file, show_path
 from rcl_dist.data.spec import MANIFEST_SCHEMA, NOISE_KINDS, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
 
 __all__ = [
@@ -311,6 +311,10 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any] |
             return f"{TOO_SMALL}: {w}x{h} pixels, both sides must be at least {min_side}"
         if fmt == "TIFF" and getattr(im, "n_frames", 1) > 1:
             return f"{UNSUPPORTED}: multi-page TIFF ({im.n_frames} pages); store one image per file"
+        if getattr(im, "n_frames", 1) > 1:  # APNG: the readers would disagree on which frame is the image
+            return f"{UNSUPPORTED}: animated {fmt} ({im.n_frames} frames); store one image per file"
+        # every decoder turns a camera's orientation upright: record the sizes they see
+        turned = exif_orientation(im) in (5, 6, 7, 8)
         if mode == "1":
             return f"{UNSUPPORTED}: 1-bit (bilevel) image; only 8- and 16-bit samples are supported"
         if mode not in _CHANNELS and mode not in ("I", "F"):
@@ -333,8 +337,8 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any] |
             return f"{TRUNCATED}: decoded size {im.size[0]}x{im.size[1]} differs from the header's {w}x{h}"
     return {
         "sha256": sha,
-        "width": w,
-        "height": h,
+        "width": h if turned else w,
+        "height": w if turned else h,
         "channels": channels,
         "bit_depth": depth,
         "mode": mode,
