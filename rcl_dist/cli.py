@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     idx.add_argument("--noise", choices=("simulated", "none"), default="simulated",
                      help="simulated: clean images, noise added in training; none: real noisy photographs (train "
                           "with data.noise=none; *_mean clean references are left out)")  # fmt: skip
+    idx.add_argument("--replace", action="store_true",
+                     help="--out already indexes other folders: replace it with an index of these only (default: refuse)")
     sim = dsub.add_parser("simulate", help="materialise each image's fixed noisy realisation (.npy)")
     sim.add_argument("--manifest", type=Path, required=True)
     sim.add_argument("--out", type=Path, required=True, help="folder for the .npy files")
@@ -162,7 +164,7 @@ def _pretrain(cfg, save: Path | None) -> int:
     print(
         f"pre-training {cfg.model.name} (width {cfg.model.width}, depth {cfg.model.depth}) with "
         f"method={cfg.loss.method} distance={cfg.loss.distance} tau={cfg.loss.temperature} alpha={cfg.loss.alpha} "
-        f"on {cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
+        f"on {('manifest ' + cfg.data.manifest) if cfg.data.manifest else cfg.data.source} images, crop {cfg.data.crop}, batch {cfg.train.batch_size}, {cfg.train.steps} steps",
         flush=True,
     )
     try:
@@ -190,10 +192,16 @@ def _pretrain(cfg, save: Path | None) -> int:
     return 0
 
 
-def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
-    from rcl_dist.train.launch import run_pretrain
+def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
+    from rcl_dist.train.launch import PretrainInterrupted, run_pretrain
 
-    r = run_pretrain(cfg, resume=resume, tracking_uri=tracking_uri)
+    try:
+        r = run_pretrain(cfg, resume=resume, tracking_uri=tracking_uri)
+    except PretrainInterrupted as e:
+        print(f"rcl-dist: {e}", file=sys.stderr, flush=True)
+        return 130
+    if r.metrics is None and r.seconds == 0.0:  # a resume of a complete run: nothing was done
+        return 0
     m = r.metrics or {}
     print(
         f"run {r.run_name} finished in {r.seconds:.1f} s: step {m.get('step', float('nan')):.0f}, "
@@ -203,6 +211,7 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> None:
     if r.mlflow_run_id:
         print(f"MLflow run {r.mlflow_run_id} in {r.tracking_uri}")
         print(f"open the UI with:  mlflow ui --backend-store-uri {r.tracking_uri}  (then http://127.0.0.1:5000)")
+    return 0
 
 
 def _finetune(args) -> None:
@@ -255,6 +264,7 @@ def _data(args) -> None:
             sampler=args.sampler,
             sampler_options=options,
             noise=args.noise,
+            replace=args.replace,
         )
     else:
         n = manifest.simulate(
@@ -277,11 +287,19 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_demo([*DEMO_OVERRIDES, *args.overrides], pretrain_steps=args.steps)
         elif args.command == "pretrain":
-            cfg = load_config(args.config, args.overrides)
+            if args.resume and args.local:
+                raise ConfigError("--resume continues a distributed run: it cannot be used with --local")
+            if args.resume:  # the run's own stored config, with only what the user gave laid over it
+                from rcl_dist.config import config_layer
+                from rcl_dist.train.launch import resume_config
+
+                cfg = resume_config(config_layer(args.config, args.overrides), log=lambda s: print(s, flush=True))
+            else:
+                cfg = load_config(args.config, args.overrides)
             if args.local:
                 return _pretrain(cfg, args.save)
             else:
-                _pretrain_distributed(cfg, args.resume, args.tracking_uri)
+                return _pretrain_distributed(cfg, args.resume, args.tracking_uri)
         elif args.command == "data":
             _data(args)
         elif args.command == "finetune":
@@ -331,7 +349,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"rcl-dist: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        where = _disk_full(e)
+        if where is None:
+            raise
+        print(f"rcl-dist: error: the disk is full ({where}): free some space and run the command again; files "
+              "written before are kept (checkpoints and outputs are replaced only once written whole)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """What was being written when ``e`` (or an error it was raised from) says the disk is full: an
+    ``OSError`` ENOSPC/EDQUOT (its file), or SQLite's "database or disk is full" (an MLflow store)."""
+    import errno
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"writing {x.filename}" if x.filename else "No space left on device"
+        if "database or disk is full" in str(x)[:1000]:
+            return "SQLite: database or disk is full, in the MLflow store"
+        todo += [x.__cause__, x.__context__, getattr(x, "orig", None)]
+    return None
 
 
 if __name__ == "__main__":

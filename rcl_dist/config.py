@@ -31,6 +31,7 @@ __all__ = [
     "TrackingConfig",
     "ConfigError",
     "load_config",
+    "config_layer",
     "read_yaml_mapping",
     "load_yaml_text",
     "show_value",
@@ -211,6 +212,11 @@ class DistConfig:
             raise ConfigError("dist.negatives 'global+queue' needs dist.queue_size >= 1")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"dist.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.run_name is not None:  # it becomes a folder under the results folder: one plain name
+            n = self.run_name
+            if not n.strip() or n in (".", "..") or any(c in n for c in "/\\\0") or n != n.strip():
+                raise ConfigError(f"dist.run_name {show_value(n)}: must be a plain folder name (no '/', '\\', '..', "
+                                  "surrounding spaces): runs are folders under dist.storage_path")  # fmt: skip
 
 
 @dataclass
@@ -441,13 +447,27 @@ def load_yaml_text(text: str, where: str) -> Any:
     return value
 
 
+MAX_YAML_BYTES = 1 << 20  # a config or search space file: a few KB in practice
+
+
 def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str, Any]:
     """A YAML file holding a mapping (empty file: ``{}``); errors name the file: ``{path}: {what} not
     found``, ``not valid YAML (...)``, or ``{path}: {not_mapping}``."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    if not p.is_file():  # a folder, a FIFO (would hang), a device such as /dev/zero (would never end)
+        kind = "a folder" if p.is_dir() else "not a regular file"
+        raise ConfigError(f"{path}: {what} is {kind}; give a YAML file")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit of a YAML mapping here")
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {what} cannot be read ({e.strerror or e})") from None
     raw = load_yaml_text(text, str(path))
     if raw is None:
         return {}
@@ -458,6 +478,12 @@ def read_yaml_mapping(path: str | Path, what: str, not_mapping: str) -> dict[str
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    return Config.from_dict(config_layer(path, overrides))
+
+
+def config_layer(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Only what the user gave: the YAML file's sections <- ``section.key=value`` overrides, without
+    the defaults (``--resume`` lays it over the run's stored config)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(path, "config file", "a config file must be a mapping of sections")
@@ -470,7 +496,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"config section {parts[0]!r} must be a mapping")
         raw[parts[0]][parts[1]] = load_yaml_text(text, f"override {key.strip()}") if text.strip() else None
-    return Config.from_dict(raw)
+    return raw
 
 
 # methods whose loss compares f(x) with a pixel target: the global input skip helps them

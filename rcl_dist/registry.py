@@ -42,7 +42,9 @@ The model version's ``run_id`` is that run; its tags carry the lineage (``lineag
 pre-training checkpoint and run, manifests and their sha256, checkpoint sha256, code commit),
 what it was trained on (``trained_on.*``) and, with ``eval_data``, the evaluation (``eval.*``: PSNR/SSIM
 means, number of images, data folder and its fingerprint); the version's description says the same
-in a sentence. The model ships its code (``code/rcl_dist``, MLflow ``code_paths``) and pins the
+in a sentence. The pyfunc is logged as MLflow "models from code" (``python_model`` is the path of
+:mod:`rcl_dist.registry_model`, which calls ``mlflow.models.set_model``): the model folder holds source,
+no pickle of the class, and :func:`load_denoiser` refuses a model stored as a pickle. The model ships its code (``code/rcl_dist``, MLflow ``code_paths``) and pins the
 runtime packages to the versions installed when it was registered (:func:`runtime_requirements`).
 
 Promoting (:func:`promote`)
@@ -85,6 +87,7 @@ __all__ = [
     "RUNTIME_DISTRIBUTIONS",
     "runtime_requirements",
     "model_signature",
+    "pyfunc_model_args",
     "encode_image_b64",
     "decode_image_b64",
     "eval_fingerprint",
@@ -107,6 +110,7 @@ RUNTIME_DISTRIBUTIONS = (
 _MAX_TAG = 5000  # MLflow's limit for model version tag values
 _log = logging.getLogger(__name__)
 _PACKAGE_DIR = Path(__file__).resolve().parent
+_MODEL_CODE = _PACKAGE_DIR / "registry_model.py"  # the pyfunc as source: mlflow.models.set_model(DenoiserModel())
 
 
 # ---------------------------------------------------------------------------------------------- images <-> base64
@@ -170,6 +174,9 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         model, cfg, state = load_checkpoint(context.artifacts["checkpoint"], map_location=device)
         if getattr(model, "raw", None) is not None:
             raise ValueError(f"a RAW-input model (raw={model.raw!r}) cannot be served on RGB/grey images")
+        settings = getattr(context, "model_config", None) or {}  # logged as models from code: the defaults
+        self.tile = int(settings.get("tile", self.tile))
+        self.overlap = int(settings.get("overlap", self.overlap))
         self.model = model.eval()
         self.config = cfg
         self.info = {k: state[k] for k in ("task", "mode", "labels", "steps", "head", "pretrain_checkpoint") if k in state}
@@ -248,6 +255,19 @@ def _server_error(message: str):
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
     return MlflowException(message, error_code=INTERNAL_ERROR)
+
+
+def pyfunc_model_args(checkpoint: str | os.PathLike, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> dict[str, Any]:
+    """The arguments of ``mlflow.pyfunc.log_model`` / ``save_model`` that make an rcl_dist denoiser:
+    the pyfunc as MLflow "models from code" (``python_model`` is the path of :mod:`rcl_dist.registry_model`,
+    so MLflow stores source, never a pickle of the class), ``tile``/``overlap`` as its model config, the
+    checkpoint as an artifact and the package as shipped code."""
+    return {
+        "python_model": str(_MODEL_CODE),
+        "model_config": {"tile": int(tile), "overlap": int(overlap)},
+        "artifacts": {"checkpoint": str(checkpoint)},
+        "code_paths": [str(_PACKAGE_DIR)],
+    }
 
 
 def model_signature(tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
@@ -567,9 +587,7 @@ def register(
             with _global_uris(uri), mlflow.start_run(run_id=reg_run_id, nested=True):
                 model_info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT,
-                    python_model=DenoiserModel(tile=tile, overlap=overlap),
-                    artifacts={"checkpoint": str(ckpt)},
-                    code_paths=[str(_PACKAGE_DIR)],
+                    **pyfunc_model_args(ckpt, tile, overlap),
                     pip_requirements=runtime_requirements(),
                     signature=model_signature(tile, overlap),
                     input_example=_input_example(),
@@ -634,11 +652,30 @@ def load_denoiser(model_uri: str, *, tracking_uri: str | None = None):
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri, registry_uri=uri))
         if not (local / "MLmodel").is_file():
             raise ValueError(f"model {model_uri!r}: no MLmodel file there (not an MLflow model)")
+        _refuse_pickled(model_uri, local / "MLmodel")
         return mlflow.pyfunc.load_model(str(local))
     except MlflowException as e:
         raise ValueError(f"model {model_uri!r} not found at {uri}: {_mlflow_error(e)}") from None
     except OSError as e:
         raise ValueError(f"model {model_uri!r}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def _refuse_pickled(model_uri: str, mlmodel: Path) -> None:
+    """A pyfunc stored as a pickled Python object (``python_model.pkl``: MLflow would unpickle a class
+    to load it) is refused; rcl_dist registers its models from code (``model_code_path``)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load(mlmodel.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"model {model_uri!r}: unreadable {mlmodel.name} ({type(e).__name__}: {e})") from None
+    pyfunc = (meta.get("flavors") or {}).get("python_function") or {}
+    if "python_model" in pyfunc and "model_code_path" not in pyfunc:
+        raise ValueError(
+            f"model {model_uri!r} stores its Python model as a pickle ({pyfunc['python_model']}); loading it would "
+            "unpickle code, so it is refused: register the fine-tuning run again with `rcl-dist register` "
+            "(models from code)"
+        )
 
 
 def restorer_from_uri(model_uri: str, *, tracking_uri: str | None = None):

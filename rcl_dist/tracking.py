@@ -456,6 +456,7 @@ class RunTracker:
         self.experiment_id = experiment_id
         self.tracking_uri = tracking_uri
         self.resumed_count = resumed_count
+        self.previous_status: str | None = None  # on resume: the run's status before it was reopened
         self.nonfinite_counts: dict[str, int] = {}
         self._nonfinite_total = 0
         self.skipped_replayed = 0
@@ -548,10 +549,12 @@ class RunTracker:
             # Nothing logged yet: the first attach to a run its driver created (or a restart that lost
             # nothing). Not a resume: no tags, no count.
             tracker = cls(client, run_id, run.info.experiment_id, uri, resumed_count=resumed)
+            tracker.previous_status = previous_status
             client.update_run(run_id, status="RUNNING")
             return tracker
         resumed += 1
         tracker = cls(client, run_id, run.info.experiment_id, uri, resumed_count=resumed)
+        tracker.previous_status = previous_status
         client.update_run(run_id, status="RUNNING")
 
         # High-water marks from the stored history: what this run already has, per key.

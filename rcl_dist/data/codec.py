@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from rcl_dist.data.images import check_pixels, file_byte_limit, pixel_budget, read_regular_file, show_path
+from rcl_dist.data.images import (
+    apply_orientation, check_pixels, exif_orientation, file_byte_limit, pixel_budget, read_regular_file, show_path,
+)
 
 __all__ = ["PNG_SIGNATURE", "decode_image_bytes", "read_image", "encode_png", "write_image", "to_float", "from_float"]
 
@@ -157,13 +159,17 @@ def decode_image_bytes(data: bytes, *, max_pixels: int | None = None) -> np.ndar
             w, h, depth, _ctype, _interlace = _png_header(data)
             check_pixels(w, h, budget)  # every PNG: before Pillow's or our inflate
             png16 = depth == 16
-        if png16:
-            a = _decode_png16(data, budget)
-        elif data[:4] in _TIFF_SIGNATURES:
-            a = _tiff_to_array(io.BytesIO(data), budget)
+        if png16 or data[:4] in _TIFF_SIGNATURES:
+            # our own decoders first (they enforce the pixel budget), then Pillow on the header only:
+            # frames and orientation, applied as exif_transpose does on the 8-bit path
+            a = _decode_png16(data, budget) if png16 else _tiff_to_array(io.BytesIO(data), budget)
+            with Image.open(io.BytesIO(data)) as im:
+                _single_frame(im)
+                a = apply_orientation(a, exif_orientation(im))
         else:
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
                 check_pixels(*im.size, budget)
+                _single_frame(im)
                 im.load()
                 a = _pil_to_array(im)
     except ValueError:
@@ -175,6 +181,14 @@ def decode_image_bytes(data: bytes, *, max_pixels: int | None = None) -> np.ndar
     if a.ndim != 3 or a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"not a 2-D image (decoded shape {a.shape})")
     return a
+
+
+def _single_frame(im) -> None:
+    """An animated PNG/GIF/WebP or a multi-page TIFF is refused (``data index`` rejects them too):
+    which frame to restore is not for a reader to guess."""
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        raise ValueError(f"unsupported: {im.format} with {frames} frames (animated or multi-page); store one image per file")
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:

@@ -157,6 +157,47 @@ def _to_chw_float(img: np.ndarray, gray: bool | None = None) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
+# EXIF orientation (tag 0x0112) -> the array operation that displays the image upright: what Pillow's
+# ImageOps.exif_transpose and DALI's decoders (adjust_orientation=True) do; 5-8 swap width and height
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1-8) of an opened Pillow image, 1 when absent or unreadable."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: take the pixels as stored
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
+    """``a`` ([H, W] or [H, W, C], as stored in the file) turned upright for EXIF ``orientation``."""
+    return np.ascontiguousarray(_ORIENT[orientation](a)) if orientation in _ORIENT else a
+
+
+def file_orientation(path_or_bytes) -> int:
+    """:func:`exif_orientation` of a file (a path or its bytes), reading the header only."""
+    import io
+
+    from PIL import Image
+
+    try:
+        src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else os.fspath(path_or_bytes)
+        with Image.open(src) as im:
+            return exif_orientation(im)
+    except Exception:  # not an image Pillow knows: the decoders report that themselves
+        return 1
+
+
 def load_image(path: str | os.PathLike, gray: bool | None = None) -> np.ndarray:
     """Read one image file; a file that cannot be decoded, or is not a regular file, raises ValueError naming it."""
     from skimage import io
@@ -171,7 +212,8 @@ def load_image(path: str | os.PathLike, gray: bool | None = None) -> np.ndarray:
         img = io.imread(os.fspath(path))
     except Exception as e:  # decoders raise many types; the caller needs the file name
         raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return _to_chw_float(np.asarray(img), gray)
+    # imageio leaves a camera's orientation tag alone; DALI and the codec apply it: so does this reader
+    return _to_chw_float(apply_orientation(np.asarray(img), file_orientation(path)), gray)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, load_image, read_regular_file, show_path
+from rcl_dist.data.images import IMAGE_SUFFIXES, _to_chw_float, exif_orientation, load_image, read_regular_file, show_path
 from rcl_dist.data.spec import MANIFEST_SCHEMA, NOISE_KINDS, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
 
 __all__ = [
@@ -313,6 +313,10 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any] |
             return f"{TOO_SMALL}: {w}x{h} pixels, both sides must be at least {min_side}"
         if fmt == "TIFF" and getattr(im, "n_frames", 1) > 1:
             return f"{UNSUPPORTED}: multi-page TIFF ({im.n_frames} pages); store one image per file"
+        if getattr(im, "n_frames", 1) > 1:  # APNG: the readers would disagree on which frame is the image
+            return f"{UNSUPPORTED}: animated {fmt} ({im.n_frames} frames); store one image per file"
+        # every decoder turns a camera's orientation upright: record the sizes they see
+        turned = exif_orientation(im) in (5, 6, 7, 8)
         if mode == "1":
             return f"{UNSUPPORTED}: 1-bit (bilevel) image; only 8- and 16-bit samples are supported"
         if mode not in _CHANNELS and mode not in ("I", "F"):
@@ -335,8 +339,8 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any] |
             return f"{TRUNCATED}: decoded size {im.size[0]}x{im.size[1]} differs from the header's {w}x{h}"
     return {
         "sha256": sha,
-        "width": w,
-        "height": h,
+        "width": h if turned else w,
+        "height": w if turned else h,
         "channels": channels,
         "bit_depth": depth,
         "mode": mode,
@@ -512,6 +516,7 @@ def index_images(
     workers: int | None = None,
     checkpoint_s: float = 60.0,
     noise: str = "simulated",
+    replace: bool = False,
     log: Callable[[str], Any] = print,
 ) -> IndexResult:
     """Index the images under ``dirs`` into the manifest ``out`` (Parquet) and its rejects table.
@@ -539,8 +544,12 @@ def index_images(
 
     ``workers``: threads reading and decoding (default: up to 4); each holds one decoded image.
     ``log`` receives a line per rejected file (the first 20), progress lines, and the summary.
-    Raises FileNotFoundError for a missing folder, ValueError for bad settings or when ``out`` exists
-    but is not a manifest.
+    ``replace``: an existing ``out`` that holds files still on disk but outside the folders given now
+    (indexed from other folders) is refused unless ``replace``, before anything is written: a second
+    index of another folder to the same ``out`` would otherwise drop the first silently.
+
+    Raises FileNotFoundError for a missing folder, ValueError for bad settings, when ``out`` exists
+    but is not a manifest, or (without ``replace``) when it indexes files outside the given folders.
     """
     from rcl_dist.noise import sample_nlf
 
@@ -594,6 +603,17 @@ def index_images(
             result.outside += 1
         else:
             result.removed += 1
+    if result.outside and not replace:
+        try:
+            before = [f for f, _s in json.loads((pq.read_schema(out).metadata or {}).get(_META_KEY, b"{}")).get("folders", [])]
+        except (ValueError, AttributeError, TypeError):
+            before = []
+        example = sorted(p for p in old.keys() - entries.keys() if os.path.exists(p))[0]
+        raise ValueError(
+            f"{out}: already indexes {result.outside} file(s) outside the folder(s) given now"
+            + (f" (it was indexed from {', '.join(before)})" if before else "") + f", e.g. {example}; this run "
+            "would drop them: pass --replace to index only the given folders, or choose another --out"
+        )  # fmt: skip
 
     records: dict[str, tuple[dict[str, Any], str | None, int, int]] = {}
     reused: set[str] = set()

@@ -7,6 +7,7 @@ resumed with ``--resume``) logs into the same run, so the experiment never holds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -18,9 +19,67 @@ import numpy as np
 
 from rcl_dist.config import Config, ConfigError
 
-__all__ = ["run_pretrain", "ensure_ray", "check_gpus", "rcl_home", "ensure_manifest", "PretrainResult"]
+__all__ = [
+    "run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus",
+    "check_crop_fits", "rcl_home", "ensure_manifest", "PretrainResult",
+]  # fmt: skip
 
-RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id and the manifest used
+RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id, the manifest, the config
+# what `--resume` may change in a run's stored config (the rest would not match its checkpoints)
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "dist.max_failures", "dist.checkpoint_every", "data.threads")
+
+
+class PretrainInterrupted(Exception):
+    """The run was interrupted (Ctrl-C / SIGINT); the message says at which step and how to resume."""
+
+
+def _run_dir(storage_path: str | None, name: str) -> Path:
+    storage = Path(storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    return storage / name
+
+
+def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> Config:
+    """The config of ``--resume``: the run's own stored config (its run state, or for runs written
+    before it was kept there, its newest valid checkpoint), with ``given`` (the user's --config file and
+    overrides, see :func:`rcl_dist.config.config_layer`) laid over it. ``given`` must name
+    ``dist.run_name``; it may change only :data:`RESUMABLE_KEYS`, anything else is a ConfigError
+    naming the key, the stored and the given value."""
+    dist = given.get("dist") or {}
+    name = dist.get("run_name")
+    if not name:
+        raise ConfigError("--resume needs dist.run_name: the run to continue")
+    Config.from_dict({"dist": {"run_name": str(name)}})  # the same rule as every run name: no path
+    run_dir = _run_dir(dist.get("storage_path"), str(name))
+    state_file = run_dir / RUN_STATE
+    if not state_file.is_file():
+        raise ConfigError(f"--resume: no run {name!r} under {run_dir.parent} (missing {state_file})")
+    stored = json.loads(state_file.read_text()).get("config")
+    if stored is None:  # a run from before the config was kept in its state: the checkpoint has it
+        from rcl_dist.models.io import newest_valid_checkpoint
+
+        try:
+            stored = newest_valid_checkpoint(run_dir, log=log)[1]["config"]
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--resume: run {name!r} has no stored config in {state_file} and no valid checkpoint ({e})") from None
+    stored_cfg = Config.from_dict(stored).to_dict()
+    merged = {sec: dict(vals) for sec, vals in stored_cfg.items()}
+    for sec, vals in given.items():
+        if not isinstance(vals, dict):
+            raise ConfigError(f"config section {sec!r} must be a mapping")
+        merged.setdefault(sec, {}).update(vals)
+    merged["dist"]["run_name"] = str(name)
+    cfg = Config.from_dict(merged)
+    new = cfg.to_dict()
+    for sec, vals in new.items():
+        for key, value in vals.items():
+            full = f"{sec}.{key}"
+            if full in ("dist.run_name", "dist.storage_path") or stored_cfg.get(sec, {}).get(key) == value:
+                continue
+            if full not in RESUMABLE_KEYS:
+                raise ConfigError(f"{full}: run {name!r} was trained with {stored_cfg[sec][key]!r}, --resume cannot change "
+                                  f"it to {value!r} (a resume keeps the run's config; it may change {', '.join(RESUMABLE_KEYS)})")  # fmt: skip
+            log(f"resume: {full} {stored_cfg[sec][key]!r} -> {value!r}")
+    return cfg
 
 
 def rcl_home() -> Path:
@@ -28,51 +87,88 @@ def rcl_home() -> Path:
     return Path(os.environ.get("RCL_DIST_HOME", Path.home() / ".rcl_dist")).expanduser()
 
 
-def _running_cluster(timeout_s: float = 1.0) -> str | None:
-    """The address of a cluster started with ``ray start`` on this node (``ray up`` heads), if it
-    answers within ``timeout_s``; a stale address file is ignored (``ray.init(address="auto")``
-    would wait minutes on it)."""
+def _answers(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``address`` (``host:port``, ``ray://host:port``)
+    within ``timeout_s``: a dead head's port refuses at once, where ``ray.init`` would wait minutes."""
     import socket
 
-    from ray._private.utils import read_ray_address
-
-    address = read_ray_address()
-    if not address or ":" not in address:
-        return None
-    host, port = address.rsplit(":", 1)
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    if ":" not in hostport:
+        return False
+    host, port = hostport.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return address
+            return True
     except (OSError, ValueError):
-        return None
+        return False
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the running Ray cluster (``RAY_ADDRESS``, or the one ``ray up``/``ray start`` runs on
-    this node); otherwise start a local Ray whose servers all listen on 127.0.0.1 only.
+def _address_file() -> Path:
+    """Ray's current-cluster file (``ray start`` writes it; ``$RAY_TMPDIR/ray``, default /tmp/ray)."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def choose_ray(requested: str | None, recorded: str | None, answers: Callable[[str], bool] = _answers) -> tuple[str | None, str]:
+    """(address to join or None for a fresh local Ray, a sentence saying which Ray and why).
+
+    ``requested``: what the user asked for (``RAY_ADDRESS``); ``recorded``: the address in Ray's
+    current-cluster file, i.e. this machine is a cluster node started with ``ray start``. A cluster is
+    joined only when asked for or recorded, and only when it answers: a file left by a head that died
+    uncleanly is ignored (``ray.init()`` would try to join it). A requested address that does not
+    answer is an error: the user asked for that cluster, not for a local one.
+    """
+    if requested and requested not in ("local", "auto"):
+        if not answers(requested):
+            raise ConfigError(f"RAY_ADDRESS={requested}: no Ray cluster answers there (unset RAY_ADDRESS to start a local Ray)")
+        return requested, f"Ray: joining the cluster at {requested} (RAY_ADDRESS)"
+    if requested != "local" and recorded:
+        if answers(recorded):
+            return recorded, f"Ray: joining the cluster of this node at {recorded} (started with `ray start`)"
+        if requested == "auto":
+            raise ConfigError(f"RAY_ADDRESS=auto: the cluster recorded on this node ({recorded}) does not answer")
+        return None, f"Ray: starting a local Ray on 127.0.0.1 (ignored a stale cluster address {recorded}: nothing answers there)"
+    if requested == "auto":
+        raise ConfigError("RAY_ADDRESS=auto: no Ray cluster was started on this node (`ray start`)")
+    return None, "Ray: starting a local Ray on 127.0.0.1"
+
+
+def _ray_choice() -> tuple[str | None, str]:
+    f = _address_file()
+    recorded = f.read_text().strip() if f.is_file() else None
+    return choose_ray(os.environ.get("RAY_ADDRESS") or None, recorded or None)
+
+
+def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Join the Ray cluster the user asked for (``RAY_ADDRESS``) or that this node belongs to, when it
+    answers (see :func:`choose_ray`); otherwise start a local Ray whose servers all listen on 127.0.0.1
+    only. ``log`` (default: stderr) is told which Ray is used.
 
     Ray resolves a node address of 127.0.0.1 to the machine's routable address and binds its servers
     there (``_node_ip_address`` cannot change that); its single-machine mode, selected with
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, uses the loopback address instead. The variable is set for
     the processes Ray starts, and the constant Ray read at import is set for this one.
     """
+    import sys
+
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    running = _running_cluster()
-    if running is not None:
-        ray.init(address=running)
+    address, why = _ray_choice()
+    (log or (lambda s: print(s, file=sys.stderr, flush=True)))(why)
+    if address is not None:
+        ray.init(address=address)
         return
     import ray._private.ray_constants as ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
+    _local_auth_token()
     ray.init(
+        address="local",  # never Ray's own lookup: it reads the address file and joins even a dead head
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
@@ -82,6 +178,29 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         raise RuntimeError(f"local Ray started on {node_ip}, not on loopback 127.0.0.1")
 
 
+def _local_auth_token() -> Path | None:
+    """Point Ray's token authentication at ``$RCL_DIST_HOME/ray/auth_token`` (created once, mode 0600)
+    unless the user set ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``: without it a local Ray writes its
+    token to ``~/.ray/auth_token``, outside RCL_DIST_HOME. Set in this process's environment, so the
+    processes Ray starts read the same file."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    token = rcl_home() / "ray" / "auth_token"
+    if not token.is_file() or not token.read_text().strip():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token.with_name(f".auth_token.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())  # what Ray's own generator makes: 256 bits
+        finally:
+            os.close(fd)
+        os.replace(tmp, token)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return token
+
+
 def _ray_is_local() -> bool:
     """Whether Ray Train's workers run on this machine: a local Ray, running or about to be started
     by :func:`ensure_ray` (no ``RAY_ADDRESS``, no cluster answering on this node)."""
@@ -89,7 +208,7 @@ def _ray_is_local() -> bool:
 
     if ray.is_initialized():
         return all(n.get("NodeManagerAddress") == "127.0.0.1" for n in ray.nodes())
-    return not os.environ.get("RAY_ADDRESS") and _running_cluster() is None
+    return _ray_choice()[0] is None
 
 
 def check_gpus(needed: int, key: str) -> None:
@@ -164,12 +283,32 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
         folder = Path(src)
     if not folder.is_dir():
         raise ConfigError(f"data.source: {folder} is not a folder")
-    out = rcl_home() / "manifests" / f"{folder.name}-seed{cfg.train.seed}{'-real' if cfg.data.noise == 'none' else ''}.parquet"
+    # the folder's absolute path in the name: two folders of the same name get two manifests
+    tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+    out = rcl_home() / "manifests" / f"{folder.name}-{tag}-seed{cfg.train.seed}{'-real' if cfg.data.noise == 'none' else ''}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     options = {"sigma_min": cfg.data.sigma_min, "sigma_max": cfg.data.sigma_max} if cfg.data.sampler in ("uniform", "gaussian") else None
     index_images([str(folder)], out, seed=cfg.train.seed, sampler=cfg.data.sampler, sampler_options=options,
                  noise=cfg.data.noise, log=log)  # fmt: skip
     return out
+
+
+def check_crop_fits(cfg: Config, manifest: str | Path) -> None:
+    """ConfigError naming ``data.crop`` when no image of ``data.split`` in ``manifest`` is large enough
+    for the crop the workers will take (the small-image rule of data/spec.py, on the manifest's sizes):
+    the workers would otherwise fail only after the run is created."""
+    from rcl_dist.data.manifest import read_manifest
+    from rcl_dist.train.pretrain import pair_spec
+
+    need = pair_spec(cfg, 0, cfg.dist.workers).min_side
+    rows = read_manifest(manifest, cfg.data.split).select(["path", "width", "height"]).to_pylist()
+    if not rows:
+        raise ConfigError(f"data.split={cfg.data.split!r}: {manifest} has no images of that split")
+    big = max(rows, key=lambda r: (min(r["width"], r["height"]), r["width"] * r["height"]))
+    if min(big["width"], big["height"]) < need:
+        parent = f" (two crops overlapping by data.overlap={cfg.data.overlap} need {need}x{need})" if need != cfg.data.crop else ""
+        raise ConfigError(f"data.crop={cfg.data.crop}: no image of split {cfg.data.split!r} in {manifest} is large enough"
+                          f"{parent}; the largest is {big['width']}x{big['height']} ({big['path']})")  # fmt: skip
 
 
 @dataclass
@@ -181,6 +320,16 @@ class PretrainResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     seconds: float
+
+
+def _newest_step(run_dir: Path) -> int:
+    """The step of the newest valid checkpoint in ``run_dir`` (0 when there is none)."""
+    from rcl_dist.models.io import newest_valid_checkpoint
+
+    try:
+        return int(newest_valid_checkpoint(run_dir)[1].get("step", 0))
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def simulated_dir_for(cfg: Config, manifest: str | Path) -> str:
@@ -220,24 +369,43 @@ def run_pretrain(
         raise ConfigError(f"--resume: no run {name!r} under {storage} (missing {state_file})")
     if not resume and run_dir.exists():
         raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
+    resume_from, start_step = None, 0
+    if resume:
+        from rcl_dist.models.io import newest_valid_checkpoint
+
+        try:  # the newest valid checkpoint on disk: Ray may not have registered the last one
+            ckpt_file, ckpt_state = newest_valid_checkpoint(run_dir, log=log)
+            resume_from, start_step = str(ckpt_file.parent), int(ckpt_state.get("step", 0))
+        except FileNotFoundError:
+            pass  # interrupted before its first checkpoint: starts again from step 0
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        if start_step >= cfg.train.steps:
+            log(f"run {name} is complete: its newest checkpoint is at step {start_step} (train.steps={cfg.train.steps}); "
+                f"nothing to do (pass train.steps=N to train further)")  # fmt: skip
+            return PretrainResult(name, str(storage), None, resume_from, None, None, 0.0)
 
     if not cfg.dist.use_gpu and _ray_is_local():  # the workers share this machine's memory
         from rcl_dist.train.local import check_memory
 
         check_memory(cfg, workers=cfg.dist.workers)
-    # Ray first: a request it cannot meet fails here, before any run or folder is created
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1))
+    if not resume:  # the images and the crop: checked (and indexed) before Ray, a run or a folder exists
+        manifest = ensure_manifest(cfg, log)
+        check_crop_fits(cfg, manifest)
+    # then Ray: a request it cannot meet fails here, before any run or folder is created
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1), log=log)
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
     tracker = None
     if resume:
         state = json.loads(state_file.read_text())
         manifest, run_id, uri = Path(state["manifest"]), state["mlflow_run_id"], state["tracking_uri"]
+        if not manifest.is_file():  # before the MLflow run is reopened: a failure here changes no record
+            raise ConfigError(f"--resume: run {name!r} trained on {manifest}, which no longer exists")
         if run_id is not None:
             from rcl_dist.tracking import RunTracker
 
             tracker = RunTracker.start(uri, cfg.tracking.experiment, None, None, run_id=run_id)
     else:
-        manifest = ensure_manifest(cfg, log)
         run_id, uri = None, None
         if cfg.tracking.enabled:
             from rcl_dist.tracking import RunTracker, resolve_tracking_uri
@@ -246,7 +414,8 @@ def run_pretrain(
             tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
             run_id = tracker.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri}))
+        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri,
+                                          "config": cfg.to_dict()}))  # fmt: skip
 
     simulated = simulated_dir_for(cfg, manifest)
     trainer = TorchTrainer(
@@ -257,6 +426,7 @@ def run_pretrain(
             "simulated_dir": simulated,
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
+            "resume_from": resume_from,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.dist.workers,
@@ -279,8 +449,20 @@ def run_pretrain(
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's own SIGINT handler aborts the workers and leaves with SystemExit
+        status = "KILLED"
+        step = _newest_step(run_dir)
+        raise PretrainInterrupted(
+            f"run {name} interrupted at step {step} (newest valid checkpoint in {run_dir}); resume with: "
+            f"rcl-dist pretrain --resume dist.run_name={name}" + (f" dist.storage_path={storage}" if cfg.dist.storage_path else "")
+            if step else f"run {name} interrupted before its first checkpoint; resume with: rcl-dist pretrain --resume dist.run_name={name}"
+        ) from None
     finally:
         if tracker is not None:
+            if status == "FAILED" and _newest_step(run_dir) <= start_step and tracker.previous_status in ("FINISHED", "FAILED", "KILLED"):
+                # nothing trained (a failure before the first new checkpoint): the record keeps its status
+                status = tracker.previous_status
             tracker.end(status)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, str(storage), result.metrics, ckpt, run_id, uri, time.perf_counter() - t0)

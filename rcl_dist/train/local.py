@@ -285,9 +285,24 @@ def _distance_options(cfg: Config) -> dict:
 
 
 def load_images(cfg: Config) -> list[np.ndarray]:
-    """The configured image source as [C, H, W] float32 arrays (tiled when ``data.tile`` > 0)."""
+    """The configured images as [C, H, W] float32 arrays (tiled when ``data.tile`` > 0): the rows of
+    ``data.split`` of ``data.manifest`` when one is given (as the distributed trainer reads it), else
+    ``data.source``."""
     d, gray = cfg.data, cfg.model.in_channels == 1
-    if d.source == "bundled":
+    if d.manifest:
+        from rcl_dist.data.manifest import manifest_noise, read_manifest
+
+        path = Path(d.manifest).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.manifest: {path} does not exist (create it with `rcl-dist data index`)")
+        if manifest_noise(path) != d.noise:
+            raise ValueError(f"data.manifest: {path} was indexed with --noise {manifest_noise(path)}, but "
+                             f"data.noise={d.noise}: set data.noise={manifest_noise(path)}")  # fmt: skip
+        files = read_manifest(path, d.split).column("path").to_pylist()
+        if not files:
+            raise ValueError(f"data.manifest: {path} has no images of split data.split={d.split!r}")
+        images = [load_image(p, gray=gray) for p in files]
+    elif d.source == "bundled":
         if d.noise == "none":
             raise ValueError("data.noise=none uses the files as real noisy photographs, and the bundled images are "
                              "clean: set data.source to a folder of noisy photographs, or data.noise=simulated")  # fmt: skip

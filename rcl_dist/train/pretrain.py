@@ -24,7 +24,7 @@ from rcl_dist import dist as rdist
 from rcl_dist.config import Config
 from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.factory import build_model_from_config
-from rcl_dist.models.io import CHECKPOINT_FILE
+from rcl_dist.models.io import CHECKPOINT_FILE, read_state, write_state
 from rcl_dist.train.schedule import lr_factor
 from rcl_dist.train.local import (
     NonFiniteGuard,
@@ -36,7 +36,7 @@ from rcl_dist.train.local import (
     manifest_noise_probe,
 )
 
-__all__ = ["train_func_per_worker", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
+__all__ = ["train_func_per_worker", "pair_spec", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
@@ -76,10 +76,10 @@ def _maybe_fault(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no exception handler runs
 
 
-def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: torch.device):
-    """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
+def pair_spec(cfg: Config, rank: int = 0, world: int = 1) -> PairSpec:
+    """What rank ``rank`` of ``world`` asks its input pipeline for (the driver checks the crop with it)."""
     raw = cfg.model.raw
-    spec = PairSpec(
+    return PairSpec(
         noise=cfg.data.noise,
         task=METHOD_TASK[cfg.loss.method],
         crop=cfg.data.crop,
@@ -93,6 +93,11 @@ def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: tor
         split=cfg.data.split,
         gray=cfg.model.in_channels == 1,
     )
+
+
+def _pipeline(cfg: Config, loop_config: dict, rank: int, world: int, device: torch.device):
+    """This rank's shard of the input pipeline (DALI, or the reference DataLoader)."""
+    spec = pair_spec(cfg, rank, world)
     manifest, simulated = loop_config["manifest"], loop_config.get("simulated_dir")
     if cfg.data.engine == "dali":
         from rcl_dist.data.dali import DALILoader
@@ -138,6 +143,36 @@ def _distance_matrix(model: nn.Module, objective: nn.Module, batch: dict[str, to
         return None
     s_q, s_k = contrastive.sketch(model.residual(batch["q"])), contrastive.sketch(model.residual(batch["k"]))
     return contrastive.distance_matrix(s_q, s_k).float().cpu()
+
+
+def _resume_state(resume_from: str | None, device: torch.device, rank: int) -> dict[str, Any] | None:
+    """The verified state to continue from, or None for a fresh start: the one with the highest step
+    among Ray's latest registered checkpoint (a restart after a worker failure) and ``resume_from``
+    (``--resume``: the newest valid checkpoint the driver found in the run folder; Ray registers a
+    checkpoint asynchronously, so after an interrupt the newest one on disk may be unknown to it)."""
+    import ray.train
+
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            try:  # weights_only: a checkpoint holds tensors and plain containers, never pickled objects
+                candidates.append((d, read_state(Path(d) / CHECKPOINT_FILE, map_location=device)))
+            except ValueError as e:
+                print(f"[rcl-dist] skipping Ray's latest checkpoint: {e}", file=sys.stderr, flush=True)
+    if resume_from:
+        try:
+            candidates.append((resume_from, read_state(Path(resume_from) / CHECKPOINT_FILE, map_location=device)))
+        except (OSError, ValueError):
+            if not candidates:  # verified by the driver a moment ago: say so rather than start again
+                raise
+            # a restart within a resumed run: Ray has a newer one and may have removed this one
+    if not candidates:
+        return None
+    where, state = max(candidates, key=lambda c: int(c[1]["step"]))
+    if rank == 0:
+        print(f"[rcl-dist] resuming from step {int(state['step'])} ({where})", file=sys.stderr, flush=True)
+    return state
 
 
 def worker_setup() -> tuple[int, int, torch.device]:
@@ -198,11 +233,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     # 4. resume from the latest checkpoint (after a failure, or `--resume`)
     step, epoch, batch_in_epoch, restarts, skipped = 0, 0, 0, 0, 0
     dist_init: torch.Tensor | None = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            # weights_only: a checkpoint holds tensors and plain containers, never pickled objects
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    state = _resume_state(loop_config.get("resume_from"), device, rank)
+    if state is not None:
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -226,7 +258,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         # and its per-metric step marks keep steps logged before the crash from being logged twice
         tracker = RunTracker.start(
             loop_config["tracking_uri"], cfg.tracking.experiment, None, None,
-            run_id=loop_config["mlflow_run_id"], resume_step=step if ckpt is not None else None,
+            run_id=loop_config["mlflow_run_id"], resume_step=step if state is not None else None,
         )
 
     # sweeps: proxy validation (train/validate.py) on rank 0 every `every` steps, the trial's objective
@@ -335,7 +367,8 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                 if step % cfg.dist.checkpoint_every == 0 or step == cfg.train.steps:
                     check_finite_weights(inner, step)  # every rank (same weights): never checkpoint NaN weights
                     if rank == 0:
-                        torch.save(
+                        write_state(  # fsync'd, with its digest: verified when read back
+                            Path(tmp) / CHECKPOINT_FILE,
                             {
                                 "model": inner.state_dict(),
                                 "optimizer": opt.state_dict(),
@@ -349,7 +382,6 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                                 "alpha": float(getattr(objective, "alpha", 0.0)),
                                 "config": loop_config["config"],
                             },
-                            Path(tmp) / CHECKPOINT_FILE,
                         )
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=checkpoint)

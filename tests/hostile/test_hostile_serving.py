@@ -26,14 +26,13 @@ import torch
 from rcl_dist.config import Config
 from rcl_dist.data.codec import decode_image_bytes, encode_png
 from rcl_dist.models.io import save_checkpoint
-from rcl_dist.registry import DenoiserModel, model_signature
+from rcl_dist.registry import model_signature, pyfunc_model_args
 from rcl_dist.models.factory import build_model_from_config
 
 from hostile_inputs import lying_png, noisy_rgb, zero_png
 
 BUDGET = 4096  # pixels: the served process's $RCL_DIST_MAX_PIXELS, small so that a real over-budget PNG is tiny
 SERVE_TIMEOUT_S = 180
-PACKAGE = Path(__file__).resolve().parents[2] / "rcl_dist"
 
 
 def _free_port() -> int:
@@ -71,10 +70,11 @@ def server(tmp_path_factory):
     net = build_model_from_config(cfg)
     net.replace_head(net.new_head("rgb", 3))
     ckpt = save_checkpoint(root / "ckpt", net, cfg, head={"kind": "rgb", "out_channels": 3}, task="denoise", mode="proxy")
-    mlflow.pyfunc.save_model(
-        str(root / "model"), python_model=DenoiserModel(tile=32, overlap=8), artifacts={"checkpoint": str(ckpt)},
-        code_paths=[str(PACKAGE)], signature=model_signature(32, 8), pip_requirements=["torch"],
+    mlflow.pyfunc.save_model(  # as `rcl-dist register` logs it: models from code, no pickle
+        str(root / "model"), **pyfunc_model_args(ckpt, tile=32, overlap=8), signature=model_signature(32, 8),
+        pip_requirements=["torch"],
     )  # fmt: skip
+    assert not (root / "model" / "python_model.pkl").exists()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, RCL_DIST_MAX_PIXELS=str(BUDGET), RCL_DIST_DEVICE="cpu")
