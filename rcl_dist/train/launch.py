@@ -295,20 +295,22 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
 
 def check_crop_fits(cfg: Config, manifest: str | Path) -> None:
     """ConfigError naming ``data.crop`` when no image of ``data.split`` in ``manifest`` is large enough
-    for the crop the workers will take (the small-image rule of data/spec.py, on the manifest's sizes):
-    the workers would otherwise fail only after the run is created."""
+    for the crop the workers will take (:func:`rcl_dist.data.spec.pipeline_rows`, the rule the
+    pipelines apply, on the manifest's sizes): the workers would otherwise fail only after the run is
+    created."""
+    import warnings
+
     from rcl_dist.data.manifest import read_manifest
+    from rcl_dist.data.spec import pipeline_rows
     from rcl_dist.train.pretrain import pair_spec
 
-    need = pair_spec(cfg, 0, cfg.dist.workers).min_side
-    rows = read_manifest(manifest, cfg.data.split).select(["path", "width", "height"]).to_pylist()
-    if not rows:
-        raise ConfigError(f"data.split={cfg.data.split!r}: {manifest} has no images of that split")
-    big = max(rows, key=lambda r: (min(r["width"], r["height"]), r["width"] * r["height"]))
-    if min(big["width"], big["height"]) < need:
-        parent = f" (two crops overlapping by data.overlap={cfg.data.overlap} need {need}x{need})" if need != cfg.data.crop else ""
-        raise ConfigError(f"data.crop={cfg.data.crop}: no image of split {cfg.data.split!r} in {manifest} is large enough"
-                          f"{parent}; the largest is {big['width']}x{big['height']} ({big['path']})")  # fmt: skip
+    spec = pair_spec(cfg, 0, cfg.dist.workers)
+    try:
+        with warnings.catch_warnings():  # the workers' pipelines count the images they leave out
+            warnings.simplefilter("ignore")
+            pipeline_rows(read_manifest(manifest), spec)
+    except ValueError as e:
+        raise ConfigError(f"data.crop={cfg.data.crop}: {e} (in {manifest})") from None
 
 
 @dataclass

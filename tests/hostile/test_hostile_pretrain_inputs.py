@@ -64,7 +64,7 @@ def test_crop_larger_than_every_image_refused_before_run_or_folder(tmp_path, hom
     rc = main(["pretrain", *TINY, f"data.manifest={m}", "data.crop=64", "dist.run_name=big", "--tracking-uri", f"sqlite:///{db}"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "data.crop=64: no image of split 'train'" in err and "the largest is" in err and str(m) in err
+    assert "data.crop=64: no image of the split 'train'" in err and "the largest is" in err and str(m) in err
     assert not (home / "ray_results" / "big").exists() and not db.exists()  # no run folder, no MLflow run
 
 
