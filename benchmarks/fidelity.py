@@ -1326,7 +1326,9 @@ class Harness:
         dirty = git("status", "--porcelain", "--untracked-files=no")
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         argv = self.argv if self.argv is not None else sys.argv
+        note = {"note": self.note} if getattr(self, "note", None) else {}
         return {
+            **note,
             "command": f"`{' '.join(shlex.quote(a) for a in ['python', *argv])}`",
             "commit": f"`{commit}`" + (" (with uncommitted changes to tracked files)" if dirty else ""),
             "machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, GPU {gpu}, "
@@ -1437,6 +1439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "a changed preset has its own cache fingerprint")  # fmt: skip
     ap.add_argument("--only", action="append", default=[], help="run only cells whose key contains this (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the cache state, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="write the outputs from the cache, run nothing")
+    ap.add_argument("--note", default=None, help="a line for the report's Run section (e.g. where the cells ran)")
     args = ap.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -1458,6 +1462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             done = "cached" if h.cache.get(c.key) else "todo"
             print(f"{done:6s} {c.kind:8s} {c.key}  (source {c.source}, {c.mode}, {c.steps} steps)")
         print(f"{len(plan)} cells: {kinds}; {sum(1 for c in plan if h.cache.get(c.key))} cached, {h.cache.stale} stale records")
+        return 0
+    h.note = args.note
+    if args.report_only:
+        paths = h.write_outputs(plan, 0.0)
+        h.log(f"[fidelity] report from {sum(1 for c in plan if h.cache.get(c.key))} cached cells: "
+              + ", ".join(str(p) for p in paths.values()))  # fmt: skip
         return 0
     h.prepare_environment()
     if h.cache.stale:
