@@ -419,9 +419,7 @@ def trial_config(space: SweepSpace, params: dict[str, Any], manifest: str, stora
 def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune trainable: one pre-training run with proxy validation; its reports reach Tune."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
+    from rcl_dist.train.trainer import make_torch_trainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from rcl_dist.train.launch import simulated_dir_for
@@ -449,9 +447,9 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "params": params}))
     objective = {**space.objective, "manifest": ctx["manifest"]}
-    trainer = TorchTrainer(
+    trainer = make_torch_trainer(
         train_func_per_worker,
-        train_loop_config={
+        {
             "config": cfg.to_dict(),
             "manifest": ctx["manifest"],
             "simulated_dir": simulated_dir_for(cfg, ctx["manifest"]),  # honours data.simulated_dir, as pretrain does
@@ -460,20 +458,9 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             "validation": {"objective": objective, "every": space.steps_per_round,
                            "placement_group_file": str(Path(storage) / run_name / PG_FILE)},  # fmt: skip
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu,
-            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})},
-        ),  # fmt: skip
-        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
-            callbacks=[TuneReportCallback()],
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
+        workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=run_name,
+        storage_path=storage, num_to_keep=1, max_failures=0, callbacks=[TuneReportCallback()],
+    )  # fmt: skip
     try:
         trainer.fit()
     except BaseException as e:

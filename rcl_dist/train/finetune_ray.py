@@ -117,9 +117,7 @@ def run_finetune(
     At the end the run gets the tag ``checkpoint`` (the fine-tuned checkpoint file: ``spec.out``'s copy
     when given, else Ray's) and the checkpoint file as an artifact under ``checkpoint/``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
+    from rcl_dist.train.trainer import make_torch_trainer
 
     from rcl_dist.models.io import CHECKPOINT_FILE
     from rcl_dist.train.launch import check_gpus, ensure_ray, rcl_home
@@ -151,24 +149,12 @@ def run_finetune(
     try:
         ensure_ray(num_cpus=max(os.cpu_count() or 1, int(spec.workers * spec.cpus_per_worker) + 1))
         check_gpus(spec.workers if spec.use_gpu else 0, "use_gpu")
-        trainer = TorchTrainer(
+        trainer = make_torch_trainer(
             train_func_per_worker,
-            train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri},
-            scaling_config=ScalingConfig(
-                num_workers=spec.workers,
-                use_gpu=spec.use_gpu,
-                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=0),  # short runs: a failure reruns from scratch
-                worker_runtime_env={"env_vars": env} if env else None,
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
+            {"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri},
+            workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=spec.cpus_per_worker, name=name,
+            storage_path=str(storage), num_to_keep=1, max_failures=0, env=env,  # short runs: a failure reruns from scratch
+        )  # fmt: skip
         log(
             f"fine-tune {name}: task {spec.task}, mode {spec.mode}, {spec.labels} labels, {spec.workers} worker(s), "
             f"source {spec.source}" + (f", MLflow run {run_id} at {uri}" if run_id else "")

@@ -355,9 +355,7 @@ def run_pretrain(
 
     ``env``: extra environment variables for the workers (tests use it for the fault hook).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from rcl_dist.train.trainer import make_torch_trainer
 
     from rcl_dist.train.pretrain import train_func_per_worker
 
@@ -420,9 +418,9 @@ def run_pretrain(
                                           "config": cfg.to_dict()}))  # fmt: skip
 
     simulated = simulated_dir_for(cfg, manifest)
-    trainer = TorchTrainer(
+    trainer = make_torch_trainer(
         train_func_per_worker,
-        train_loop_config={
+        {
             "config": cfg.to_dict(),
             "manifest": str(manifest),
             "simulated_dir": simulated,
@@ -430,21 +428,9 @@ def run_pretrain(
             "tracking_uri": uri,
             "resume_from": resume_from,
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.dist.workers,
-            use_gpu=cfg.dist.use_gpu,
-            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-            worker_runtime_env={"env_vars": env} if env else None,
-            logging_config=LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's own lines
-        ),
-    )
+        workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=name,
+        storage_path=str(storage), num_to_keep=2, max_failures=cfg.dist.max_failures, env=env,
+    )  # fmt: skip
     log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))
     t0 = time.perf_counter()
     status = "FAILED"
