@@ -451,21 +451,27 @@ def pretrain_config(p: Preset, cell: Cell, manifest: str = "manifest.parquet", *
 def resolved_global_residual(p: Preset, cell: "Cell") -> bool:
     """Whether ``cell``'s network has the input skip: the preset's setting, or the product's auto rule
     (:func:`rcl_dist.config.global_residual_of`) for the method that trained its body (a fine-tuning
-    cell: its source's; from random initialisation: the base config's)."""
+    cell: its source's; from random initialisation: supervised when trained whole, else the base config's)."""
     from rcl_dist.config import global_residual_of, load_config
 
     if cell.source:  # evaluated / fine-tuned from a pre-training cell: that cell's method
         method = cell.source.split("|")[0]
-    else:  # a pre-training cell itself, or a network from random initialisation (base config)
-        method = cell.method if cell.kind != "finetune" else None
+    elif cell.kind == "finetune":  # from random initialisation: supervised when trained whole (random_init_config)
+        method = "Oracle" if cell.mode == "full" else None
+    else:  # a pre-training cell itself
+        method = cell.method
     return global_residual_of(load_config(None, base_overrides(p) + PRETRAIN_METHODS.get(method, [])))
 
 
-def random_init_config(p: Preset, raw: bool) -> dict[str, Any]:
-    """The architecture of "No pre-training" and of the task Oracles: the pre-training config's model."""
+def random_init_config(p: Preset, raw: bool, supervised: bool = False) -> dict[str, Any]:
+    """The network of a cell from random initialisation: the pre-training config's model. ``supervised``
+    (trained whole on labels: SL from scratch, the task Oracles) records that method, so the auto rule
+    gives it the input skip as every supervised network; "No pre-training" (a frozen random body under a
+    proxy) keeps the RCL config's architecture, the twin of the RCL body it is compared with."""
     from rcl_dist.config import load_config
 
-    return load_config(None, base_overrides(p) + (["model.raw=packed"] if raw else [])).to_dict()
+    method = ["loss.method=supervised"] if supervised else []
+    return load_config(None, base_overrides(p) + method + (["model.raw=packed"] if raw else [])).to_dict()
 
 
 def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experiment: str = "rcl-fidelity",
@@ -490,7 +496,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         seed=cell.seed,
         crop=p.crop,
         manifest=manifest,
-        config=random_init_config(p, cell.raw) if source == "none" else None,
+        config=random_init_config(p, cell.raw, supervised=cell.mode == "full") if source == "none" else None,
         workers=w,
         use_gpu=p.use_gpu and engine_ray,
         label_threads=p.label_threads,

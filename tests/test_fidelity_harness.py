@@ -72,6 +72,10 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert spec.fit == p.proxy_fit
             if source == "none":
                 assert Config.from_dict(spec.config).model.width == p.width
+                # trained whole on labels (SL from scratch, task Oracles): a supervised network, the input
+                # skip; a frozen random body under a proxy: the RCL config's direct-prediction twin
+                assert global_residual_of(Config.from_dict(spec.config)) == (c.mode == "full"), c.key
+                assert fid.resolved_global_residual(p, c) == (c.mode == "full"), c.key
             assert c.evals, c.key
     # the matrix the issue asks for
     first = p.seeds[0]
