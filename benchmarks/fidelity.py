@@ -809,8 +809,9 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
                     cells.append(_fmt_cell(r))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines) + "\n")
-        out.append("Row 0: the pre-trained RCL-EMD network applied directly (no labels). SL (scratch): the same "
-                   "architecture from random initialisation on the same labels and seed.\n")  # fmt: skip
+        out.append("Row 0: the pre-trained RCL-EMD network applied directly (no labels). SL (scratch): a U-Net of the same "
+                   "width and depth from random initialisation, with the input skip of every supervised network, "
+                   "on the same labels and seed.\n")  # fmt: skip
     out.append("## Context: a blind Gaussian Oracle on all of CBSD68\n")
     ctx = {r["sigma"]: r for r in rows if r["study"] == "context"}
     if ctx:
