@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rcl_dist.config import Config, ConfigError, load_config
@@ -76,8 +78,9 @@ def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
     model = build_model_from_config(cfg)
     path = save_checkpoint(tmp_path / "old.pt", model, cfg)
     state = torch.load(path, weights_only=True)
-    del state["config"]["model"]["global_residual"]  # as an older version wrote it
+    del state["config"]["model"]["global_residual"]  # as an older version wrote it: no digest beside it either
     torch.save(state, path)
+    Path(str(path) + ".sha256").unlink()
     loaded, lcfg, _ = load_checkpoint(path)
     assert lcfg.model.global_residual is False and loaded.global_residual is False
     assert load_config().model.global_residual is None  # a new config: the auto rule
