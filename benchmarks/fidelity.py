@@ -1230,14 +1230,7 @@ class Harness:
         from rcl_dist.classical import ClassicalDenoiser
 
         model = ClassicalDenoiser(CLASSICAL[cell.method])
-        tracker = self._eval_run(cell, {"classical": CLASSICAL[cell.method], "sigma": "estimated per image"})
-        status = "FAILED"
-        try:
-            results = self._evaluate(model, cell, tracker.run_id)
-            status = "FINISHED"
-        finally:
-            tracker.end(status)
-        return {"mlflow_run_id": tracker.run_id, "results": results}
+        return self._evaluate_in_run(model, cell, {"classical": CLASSICAL[cell.method], "sigma": "estimated per image"})
 
     def _run_gaussian(self, cell: Cell) -> dict[str, Any]:
         return self._evaluate_source(cell, {"sigmas": list(self.preset.sigmas)})
@@ -1248,14 +1241,18 @@ class Harness:
 
         ckpt = self._checkpoint_of(cell.source)
         model, _, _ = load_checkpoint(ckpt)
-        tracker = self._eval_run(cell, {"checkpoint": ckpt, **params})
+        return {"checkpoint": ckpt, **self._evaluate_in_run(model, cell, {"checkpoint": ckpt, **params})}
+
+    def _evaluate_in_run(self, model, cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
+        """``model`` on the cell's test sets, in an MLflow run of its own (``params``), ended FAILED on error."""
+        tracker = self._eval_run(cell, params)
         status = "FAILED"
         try:
             results = self._evaluate(model, cell, tracker.run_id)
             status = "FINISHED"
         finally:
             tracker.end(status)
-        return {"checkpoint": ckpt, "mlflow_run_id": tracker.run_id, "results": results}
+        return {"mlflow_run_id": tracker.run_id, "results": results}
 
     def _run_fig2(self, cell: Cell) -> dict[str, Any]:
         """Fig. 2 on CBSD68 crop pairs for the trained RCL-EMD network (see the module docstring)."""
