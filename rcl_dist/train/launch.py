@@ -166,12 +166,13 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between local workers over loopback
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # and NCCL's bootstrap
     _local_auth_token()
     ray.init(
         address="local",  # never Ray's own lookup: it reads the address file and joins even a dead head
         num_cpus=num_cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
     )
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":

@@ -3,7 +3,8 @@
 Each job differs only in its worker function, its loop config, and a few run settings; the scaling
 (``workers`` x ``cpus_per_worker``, one GPU each with ``use_gpu``), the process-group backend (NCCL on
 GPUs, gloo on CPUs), the storage layout and the logging level are the same for all, so they are set
-here once.
+here once. The process group's rendezvous opens no socket on a local Ray
+(:mod:`rcl_dist.train.rendezvous`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def make_torch_trainer(
 ):
     """A ``TorchTrainer`` running ``train_func(loop_config)`` on ``workers`` Ray Train workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
+
+    from rcl_dist.train.rendezvous import LocalTorchConfig
 
     return TorchTrainer(
         train_func,
@@ -40,7 +43,7 @@ def make_torch_trainer(
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=LocalTorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
