@@ -4,17 +4,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
+
+from servers import free_port, mlflow_command, stop_group, wait_until_answers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -32,47 +27,6 @@ def device(request) -> torch.device:
 SERVER_START_TIMEOUT_S = 180  # generous: a loaded 2-core machine starts it in 5-60 s
 
 
-def _mlflow_command() -> list[str]:
-    exe = Path(sys.executable).parent / "mlflow"  # the venv's console script, next to python
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("mlflow")
-    return [found] if found else [sys.executable, "-m", "mlflow"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's process group (it was started in its own session), then kill."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (job runner children)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` subprocess on 127.0.0.1:<free port>; yields its http:// URI."""
@@ -80,10 +34,10 @@ def mlflow_server(tmp_path_factory):
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runners: faster start, fewer processes
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
-    cmd = _mlflow_command() + [
+    cmd = mlflow_command() + [
         "server",
         "--host", "127.0.0.1",
         "--port", str(port),
@@ -96,17 +50,10 @@ def mlflow_server(tmp_path_factory):
             cmd, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                tail = log_path.read_text()[-3000:]
-                pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S}s:\n{tail}")
-            time.sleep(0.25)
+        wait_until_answers(url + "/health", proc, log_path, SERVER_START_TIMEOUT_S, "mlflow server")
         yield url
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,8 @@ import base64
 import hashlib
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -40,6 +36,7 @@ from rcl_dist.train.finetune import FinetuneSpec
 from rcl_dist.train.launch import RUN_STATE
 
 from test_denoise import expected, fine_tuned_checkpoint, smooth
+from servers import free_port, mlflow_command, stop_group, wait_until_answers
 
 EXPERIMENT = "rcl-finetune-test"
 
@@ -272,61 +269,24 @@ def test_promotion_moves_the_alias_only_for_a_better_candidate(world):
 # ----------------------------------------------------------------------------------------- serving
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_exe() -> list[str]:
-    exe = Path(sys.executable).parent / "mlflow"
-    return [str(exe)] if exe.exists() else ([shutil.which("mlflow")] if shutil.which("mlflow") else [sys.executable, "-m", "mlflow"])
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (server workers) of the group
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=5)
-
-
 SERVE_TIMEOUT_S = 90
 
 
 def test_mlflow_models_serve_answers_a_base64_png(world, champion, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=world["uri"])
     # the server runs `uvicorn` from PATH: the venv's bin folder must be on it even when not activated
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     log_path = tmp_path / "serve.log"
-    cmd = _mlflow_exe() + [
+    cmd = mlflow_command() + [
         "models", "serve", "-m", "models:/rcl-denoiser@champion", "--host", "127.0.0.1", "--port", str(port),
         "--env-manager", "local", "--workers", "1",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve not answering /ping after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_answers(url + "/ping", proc, log_path, SERVE_TIMEOUT_S, "mlflow models serve")
 
         img = smooth(45, 61, 3, np.uint16, 9)
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(encode_png(img)).decode()]]},
@@ -346,4 +306,4 @@ def test_mlflow_models_serve_answers_a_base64_png(world, champion, tmp_path):
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 400 and "row 0" in e.value.read().decode()
     finally:
-        _stop_group(proc)
+        stop_group(proc)

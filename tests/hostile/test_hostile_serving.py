@@ -8,9 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,34 +27,10 @@ from rcl_dist.registry import model_signature, pyfunc_model_args
 from rcl_dist.models.factory import build_model_from_config
 
 from hostile_inputs import lying_png, noisy_rgb, zero_png
+from servers import free_port, mlflow_command, stop_group, wait_until_answers
 
 BUDGET = 4096  # pixels: the served process's $RCL_DIST_MAX_PIXELS, small so that a real over-budget PNG is tiny
 SERVE_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_exe() -> list[str]:
-    exe = Path(sys.executable).parent / "mlflow"
-    return [str(exe)] if exe.exists() else ([shutil.which("mlflow")] if shutil.which("mlflow") else [sys.executable, "-m", "mlflow"])
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (server workers) of the group
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +48,22 @@ def server(tmp_path_factory):
         pip_requirements=["torch"],
     )  # fmt: skip
     assert not (root / "model" / "python_model.pkl").exists()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, RCL_DIST_MAX_PIXELS=str(BUDGET), RCL_DIST_DEVICE="cpu")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # uvicorn from the venv
     log_path = root / "serve.log"
-    cmd = _mlflow_exe() + [
+    cmd = mlflow_command() + [
         "models", "serve", "-m", str(root / "model"), "--host", "127.0.0.1", "--port", str(port),
         "--env-manager", "local", "--workers", "1",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve not answering after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_answers(url + "/ping", proc, log_path, SERVE_TIMEOUT_S, "mlflow models serve")
         yield {"url": url, "proc": proc}
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 def _post(url: str, files: list[bytes]) -> tuple[int, str, float]:
