@@ -12,44 +12,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import socket
 from pathlib import Path
 
 import pytest
 
+from servers import is_loopback_listen, listening_addresses
+
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
-
-
-def _listening_addresses() -> list[str]:
-    """``host:port`` of every TCP socket this process listens on (IPv4 and IPv6), from /proc."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    out = []
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
-                continue
-            host_hex, port_hex = f[1].split(":")
-            raw = bytes.fromhex(host_hex)
-            # /proc prints the address as 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            out.append(f"{socket.inet_ntop(family, raw)}:{int(port_hex, 16)}")
-    return out
-
-
-def _is_loopback_listen(addr: str) -> bool:
-    host = addr.rsplit(":", 1)[0]
-    return host == "::1" or host.startswith("127.") or host.startswith("::ffff:127.")
 
 
 def test_proc_reader_sees_a_wildcard_and_a_loopback_socket():
@@ -59,9 +29,9 @@ def test_proc_reader_sees_a_wildcard_and_a_loopback_socket():
         b.bind(("127.0.0.1", 0))
         b.listen()
         wide, narrow = f"0.0.0.0:{a.getsockname()[1]}", f"127.0.0.1:{b.getsockname()[1]}"
-        seen = _listening_addresses()
+        seen = listening_addresses()
     assert wide in seen and narrow in seen
-    assert not _is_loopback_listen(wide) and _is_loopback_listen(narrow)
+    assert not is_loopback_listen(wide) and is_loopback_listen(narrow)
 
 
 def test_torch_tcpstore_listens_beyond_the_host_it_is_given():
@@ -69,8 +39,8 @@ def test_torch_tcpstore_listens_beyond_the_host_it_is_given():
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=10))
-    mine = [a for a in _listening_addresses() if a.endswith(f":{store.port}")]
-    assert mine and not any(_is_loopback_listen(a) for a in mine), mine
+    mine = [a for a in listening_addresses() if a.endswith(f":{store.port}")]
+    assert mine and not any(is_loopback_listen(a) for a in mine), mine
 
 
 def _report_sockets(config):
@@ -82,14 +52,19 @@ def _report_sockets(config):
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)
     rank = train.get_context().get_world_rank()
-    record = {"rank": rank, "world": dist.get_world_size(), "sum": float(t), "listening": _listening_addresses()}
+    record = {"rank": rank, "world": dist.get_world_size(), "sum": float(t), "listening": listening_addresses()}
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def test_two_worker_local_run_listens_on_loopback_only(local_ray, tmp_path):
+    import tempfile
+
+    import ray
+
+    import servers
     from rcl_dist.train.trainer import make_torch_trainer
 
-    import tempfile
+    ray.cloudpickle.register_pickle_by_value(servers)  # the workers' function reads /proc through it
 
     out = tmp_path / "ranks"
     out.mkdir()
@@ -102,6 +77,6 @@ def test_two_worker_local_run_listens_on_loopback_only(local_ray, tmp_path):
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rec in records:
         assert rec["world"] == 2 and rec["sum"] == 3.0  # the process group works
-        wide = [a for a in rec["listening"] if not _is_loopback_listen(a)]
+        wide = [a for a in rec["listening"] if not is_loopback_listen(a)]
         assert not wide, f"rank {rec['rank']} listens beyond loopback: {wide}"
     assert set(Path(tempfile.gettempdir()).glob("rcl-dist-pg-*")) <= before  # the rendezvous file is removed
