@@ -11,10 +11,12 @@
 #                              this script's own in $RCL_DIST_MLFLOW_DIR/pgdata, reached only through a
 #                              Unix socket in a folder that only its owner can enter
 #   RCL_DIST_MLFLOW_PGDATA     that cluster's data folder (default $RCL_DIST_MLFLOW_DIR/pgdata)
-#   RCL_DIST_MLFLOW_SOCKET_DIR that socket's folder (default $RCL_DIST_MLFLOW_DIR/sock; keep it short:
-#                              a socket path has at most 107 characters)
+#   RCL_DIST_MLFLOW_SOCKET_DIR that socket's folder, on a local disk (default /tmp/rcl-dist-mlflow-UID;
+#                              a socket path has at most 107 characters, and sockets do not work on NFS)
 #   RCL_DIST_MLFLOW_ARTIFACTS  artifact root served by the server (default $RCL_DIST_HOME/mlartifacts-server)
 #   RCL_DIST_MLFLOW_HOST       address the server binds (default 127.0.0.1)
+#   RCL_DIST_MLFLOW_ADVERTISE  address clients use in the URI (default: the bound address; set it when
+#                              binding 0.0.0.0 on a multi-node cluster: the head's private address)
 #   RCL_DIST_MLFLOW_PORT       its port (default 5000)
 #   RCL_DIST_MLFLOW_WORKERS    server worker processes (default 2)
 #
@@ -26,13 +28,13 @@ set -euo pipefail
 home="${RCL_DIST_HOME:-$HOME/.rcl_dist}"
 home="${home/#\~/$HOME}"
 dir="${RCL_DIST_MLFLOW_DIR:-$home/mlflow_server}"
-sock="${RCL_DIST_MLFLOW_SOCKET_DIR:-$dir/sock}"
+sock="${RCL_DIST_MLFLOW_SOCKET_DIR:-/tmp/rcl-dist-mlflow-$(id -u)}"
 artifacts="${RCL_DIST_MLFLOW_ARTIFACTS:-$home/mlartifacts-server}"
 host="${RCL_DIST_MLFLOW_HOST:-127.0.0.1}"
 port="${RCL_DIST_MLFLOW_PORT:-5000}"
 workers="${RCL_DIST_MLFLOW_WORKERS:-2}"
 pgdata="${RCL_DIST_MLFLOW_PGDATA:-$dir/pgdata}"
-uri="http://$host:$port"
+uri="http://${RCL_DIST_MLFLOW_ADVERTISE:-$host}:$port"
 
 die() { echo "cluster/mlflow_server.sh: $*" >&2; exit 1; }
 

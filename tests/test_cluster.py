@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 FILES = ("config.yaml", "local.yaml")
-REMOTE_REPO = "/home/ray/rcl_dist"
+REMOTE_REPO = "/home/ray/rcl-dist"
 INSTALL = f"pip install -c {REMOTE_REPO}/constraints.txt -e {REMOTE_REPO}"
 SHARED = "/mnt/shared"
 ENV = {"RCL_DIST_HOME": f"{SHARED}/rcl_dist", "RCL_DIST_DATA": f"{SHARED}/data"}  # read by rcl_dist
@@ -159,7 +159,8 @@ def test_gpu_worker_type(prepared):
 def test_start_commands_follow_rays_examples(raw, name):
     head, worker = raw[name]["head_start_ray_commands"], raw[name]["worker_start_ray_commands"]
     assert head[0] == worker[0] == "ray stop"
-    assert "ray start --head --port=6379" in head[1] and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head[1]
+    assert "cluster/mlflow_server.sh start" in head[1]  # the cluster's MLflow first: `ray start` inherits its URI
+    assert "ray start --head --port=6379" in head[2] and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head[2]
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker[1]
     assert "idle_timeout_minutes" in raw[name]
 

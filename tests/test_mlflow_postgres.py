@@ -94,7 +94,8 @@ def test_concurrent_sweep_and_pretraining_log_everything(pg_mlflow, tmp_path, lo
     server's log holds no lock or database error."""
     from mlflow import MlflowClient
 
-    from rcl_dist.tune import load_space, run_sweep
+    from rcl_dist.tune import run_sweep
+    from rcl_dist.tune_space import load_space
     from test_tune import TINY_FIXED, TINY_OBJECTIVE, _space, _tiny_data
 
     uri = pg_mlflow["uri"]
