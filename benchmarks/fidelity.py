@@ -934,7 +934,7 @@ class Harness:
         if not os.environ.get("RCL_DIST_HOME"):
             os.environ["RCL_DIST_HOME"] = str((self.work / "home").resolve())
         if self.tracking_uri is None:
-            from rcl_dist.tracking import resolve_tracking_uri
+            from rcl_dist.paths import resolve_tracking_uri
 
             self.tracking_uri = resolve_tracking_uri(None)
 
@@ -1266,7 +1266,8 @@ class Harness:
         from rcl_dist.data.reference import PairSampler
         from rcl_dist.models.io import load_checkpoint
         from rcl_dist.losses.diagnostics import residual_noise_distances
-        from rcl_dist.tracking import FIG2_ARTIFACT, pos_neg_from_distance_matrix
+        from rcl_dist.figures import pos_neg_from_distance_matrix
+        from rcl_dist.tracking import FIG2_ARTIFACT
         from rcl_dist.models.factory import build_model_from_config
         from rcl_dist.train.local import build_objective_from_config
         from rcl_dist.train.pretrain import _distance_matrix

@@ -305,10 +305,10 @@ def runtime_requirements() -> list[str]:
 def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
-    from rcl_dist.tracking import _prepare_store, resolve_tracking_uri
+    from rcl_dist.paths import prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    _prepare_store(uri)
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
@@ -626,7 +626,7 @@ def register(
 def load_denoiser(model_uri: str, *, tracking_uri: str | None = None):
     """``mlflow.pyfunc.load_model`` of ``model_uri`` (``models:/NAME@alias``, ``models:/NAME/3``,
     ``runs:/RUN/denoiser``, a local model folder, ...) against ``tracking_uri`` (default: as
-    :func:`rcl_dist.tracking.resolve_tracking_uri`; it serves as the registry URI too). MLflow's global
+    :func:`rcl_dist.paths.resolve_tracking_uri`; it serves as the registry URI too). MLflow's global
     URIs are set only while the files download and restored afterwards (:func:`_global_uris`).
 
     A URI that names no model raises ``ValueError`` naming the URI and the store, instead of an MLflow
@@ -635,7 +635,7 @@ def load_denoiser(model_uri: str, *, tracking_uri: str | None = None):
     """
     from mlflow.exceptions import MlflowException
 
-    from rcl_dist.tracking import resolve_tracking_uri
+    from rcl_dist.paths import resolve_tracking_uri
 
     if not model_uri or not isinstance(model_uri, str):
         raise ValueError(f"model URI must be a non-empty string, got {model_uri!r}")

@@ -718,7 +718,8 @@ def run_sweep(
         validation_images(manifest, space.objective.get("val_split", "val"), 1)  # fails now, not in every trial
         parent_id, uri = None, None
         if base_cfg.tracking.enabled:
-            from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+            from rcl_dist.paths import resolve_tracking_uri
+            from rcl_dist.tracking import RunTracker
 
             uri = resolve_tracking_uri(tracking_uri or base_cfg.tracking.uri)
             tracker = RunTracker.start(uri, space.experiment, space.name, space.to_dict(), tags={"sweep.name": space.name})

@@ -195,7 +195,7 @@ def test_default_sqlite_store_register_promote_denoise(world, tmp_path, monkeypa
     import mlflow
 
     from rcl_dist.registry import main_register
-    from rcl_dist.tracking import default_tracking_uri
+    from rcl_dist.paths import default_tracking_uri
 
     monkeypatch.setenv("RCL_DIST_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

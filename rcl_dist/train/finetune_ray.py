@@ -130,7 +130,8 @@ def run_finetune(
 
     tracker, run_id, uri = None, None, None
     if spec.tracking:
-        from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+        from rcl_dist.paths import resolve_tracking_uri
+        from rcl_dist.tracking import RunTracker
 
         uri = resolve_tracking_uri(spec.tracking_uri)
         tags = {

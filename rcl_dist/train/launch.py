@@ -409,7 +409,8 @@ def run_pretrain(
     else:
         run_id, uri = None, None
         if cfg.tracking.enabled:
-            from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+            from rcl_dist.paths import resolve_tracking_uri
+            from rcl_dist.tracking import RunTracker
 
             uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
             tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
