@@ -3,7 +3,7 @@
 :func:`denoise_paths` (CLI: :func:`main_denoise`) restores image files and folders with a model given as
 a checkpoint (file or folder holding ``state.pt``) or an MLflow model URI (``models:/NAME@alias``,
 ``models:/NAME/3``, ``runs:/RUN/denoiser``, or a local MLflow model folder; see
-:func:`rcl_dist.registry.load_denoiser`). Inference is tiled (:func:`rcl_dist.evaluate.tiled_restore`),
+:func:`rcl_dist.serving.load_denoiser`). Inference is tiled (:func:`rcl_dist.evaluate.tiled_restore`),
 so the network's memory is bounded by the tile size, not the image size.
 
 Files and bit depth
@@ -94,7 +94,7 @@ def _is_model_uri(model: str) -> bool:
 
 def load_restorer(model: str | os.PathLike, *, tracking_uri: str | None = None, device: str | None = None):
     """The torch Restorer behind ``model``: an MLflow model URI (the checkpoint inside the registered
-    pyfunc model, see :func:`rcl_dist.registry.load_denoiser`) or a checkpoint file/folder.
+    pyfunc model, see :func:`rcl_dist.serving.load_denoiser`) or a checkpoint file/folder.
 
     Raises ``ValueError`` for an unknown model URI or a RAW-input model, ``FileNotFoundError`` for a
     missing checkpoint path.
@@ -103,7 +103,7 @@ def load_restorer(model: str | os.PathLike, *, tracking_uri: str | None = None, 
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if _is_model_uri(str(model)):
-        from rcl_dist.registry import restorer_from_uri
+        from rcl_dist.serving import restorer_from_uri
 
         net = restorer_from_uri(str(model), tracking_uri=tracking_uri).to(dev)
     else:

@@ -24,13 +24,8 @@ from rcl_dist.data.codec import decode_image_bytes, encode_png, read_image
 from rcl_dist.denoise import denoise_paths
 from rcl_dist.evaluate import evaluate_folder, summarise
 from rcl_dist.models.io import load_checkpoint
-from rcl_dist.registry import (
-    DEFAULT_ALIAS,
-    load_denoiser,
-    main_promote,
-    promote,
-    register,
-)
+from rcl_dist.registry import DEFAULT_ALIAS, main_promote, promote, register
+from rcl_dist.serving import load_denoiser
 from rcl_dist.tracking import RunTracker
 from rcl_dist.train.finetune import FinetuneSpec
 from rcl_dist.train.launch import RUN_STATE
