@@ -1129,7 +1129,8 @@ class Harness:
 
     def _evaluate(self, model, cell: Cell, run_id: str | None) -> list[dict[str, Any]]:
         """Evaluate ``model`` on every set of the cell; log the summaries to MLflow run ``run_id``."""
-        from rcl_dist.evaluate import WHOLE_IMAGE, evaluate_folder, summarise
+        from rcl_dist.evaluate import evaluate_folder, summarise
+        from rcl_dist.infer import WHOLE_IMAGE
 
         results = []
         for dataset, folder_key, task, sigma in cell.evals:

@@ -80,7 +80,8 @@ def run_demo(
     import torch
 
     from rcl_dist.config import load_config
-    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise, tiled_restore
+    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise
+    from rcl_dist.infer import tiled_restore
     from rcl_dist.data.images import load_image
     from rcl_dist.models.io import load_checkpoint
     from rcl_dist.registry import promote, register

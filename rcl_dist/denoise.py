@@ -3,7 +3,7 @@
 :func:`denoise_paths` (CLI: :func:`main_denoise`) restores image files and folders with a model given as
 a checkpoint (file or folder holding ``state.pt``) or an MLflow model URI (``models:/NAME@alias``,
 ``models:/NAME/3``, ``runs:/RUN/denoiser``, or a local MLflow model folder; see
-:func:`rcl_dist.serving.load_denoiser`). Inference is tiled (:func:`rcl_dist.evaluate.tiled_restore`),
+:func:`rcl_dist.serving.load_denoiser`). Inference is tiled (:func:`rcl_dist.infer.tiled_restore`),
 so the network's memory is bounded by the tile size, not the image size.
 
 Files and bit depth
@@ -68,7 +68,7 @@ from pathlib import Path
 
 from rcl_dist.data.codec import from_float, read_image, to_float, write_image
 from rcl_dist.data.images import IMAGE_SUFFIXES, pixel_budget, read_regular_file, show_path
-from rcl_dist.evaluate import restore_array
+from rcl_dist.infer import restore_array
 
 __all__ = [
     "load_restorer",

@@ -137,7 +137,7 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         return tile, overlap
 
     def _restore(self, img: np.ndarray, tile: int, overlap: int) -> np.ndarray:
-        from rcl_dist.evaluate import restore_array
+        from rcl_dist.infer import restore_array
 
         if self.model is None:
             raise RuntimeError("DenoiserModel: load_context has not run (load it with mlflow.pyfunc.load_model)")

@@ -131,7 +131,7 @@ class ProxyValidator:
             self._val.append((x, y))
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from rcl_dist.evaluate import tiled_restore
+        from rcl_dist.infer import tiled_restore
         from rcl_dist.metrics import image_metrics
         from rcl_dist.train.finetune import fit_proxy, prepare_loaded_model
 
