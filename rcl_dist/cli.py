@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 sigma=args.sigma, tile=args.tile, overlap=args.overlap,
             )
         elif args.command == "sweep":
-            from rcl_dist.tune import load_space, run_sweep, write_report
+            from rcl_dist.tune import run_sweep, write_report
+            from rcl_dist.tune_space import load_space
 
             space = load_space(args.space, args.overrides)
             result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)

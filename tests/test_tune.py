@@ -1,4 +1,4 @@
-"""Sweeps (rcl_dist/tune.py, rcl_dist/train/validate.py): space files are checked before anything runs;
+"""Sweeps (rcl_dist/tune.py, rcl_dist/tune_space.py, rcl_dist/train/validate.py): space files are checked before anything runs;
 a 4-trial ASHA sweep runs end to end on a local Ray with a real MLflow server, records one nested run
 per trial (a failing trial with its error), writes a best config that pre-trains, and resumes."""
 
@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from rcl_dist.config import ConfigError, load_config
-from rcl_dist.tune import best_config_dict, load_space, trial_config
+from rcl_dist.tune import best_config_dict, trial_config
+from rcl_dist.tune_space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
