@@ -980,7 +980,7 @@ class Harness:
         [0, gaussian_sigma_max]) or the PolyU training-split manifest ("real"), indexed once."""
         if which in self._manifests:
             return self._manifests[which]
-        from rcl_dist.data.manifest import index_images
+        from rcl_dist.data.index import index_images
 
         sampler, sigma_max = "uniform", 20.0 / 255.0
         if which == "train":
@@ -997,7 +997,7 @@ class Harness:
                      sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None,
                      noise="none" if which == "real_noisy" else "simulated")  # fmt: skip
         if which in ("train", "gaussian") and self.preset.realisation == "fixed":
-            from rcl_dist.data.manifest import simulate
+            from rcl_dist.data.simulate import simulate
 
             # the stored noisy images every pre-training reads (where simulated_dir_for looks):
             # realisation 0 for all, 1 for N2N's second image, and the RAW-domain ones of RCL-EMD (RAW)

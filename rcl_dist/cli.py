@@ -251,11 +251,11 @@ def _finetune(args) -> None:
 
 
 def _data(args) -> None:
-    from rcl_dist.data import manifest
-
     if args.data_command == "index":
+        from rcl_dist.data.index import index_images
+
         options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler in ("uniform", "gaussian") else None
-        manifest.index_images(  # logs its progress, rejects and summary
+        index_images(  # logs its progress, rejects and summary
             args.dirs,
             args.out,
             seed=args.seed,
@@ -267,7 +267,9 @@ def _data(args) -> None:
             replace=args.replace,
         )
     else:
-        n = manifest.simulate(
+        from rcl_dist.data.simulate import simulate
+
+        n = simulate(
             args.manifest, args.out, raw=args.raw, pairs=args.pairs, split=args.split, gray=args.gray, force=args.force
         )
         print(f"{n} noisy realisation(s) in {args.out}")

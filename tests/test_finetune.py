@@ -37,7 +37,7 @@ def _smooth_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _index(folder: Path, out: Path) -> str:
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
 
     index_images([(str(folder), "train")], out, seed=0, log=lambda *_: None)
     return str(out)

@@ -136,7 +136,7 @@ def _tiny_data(root: Path) -> Path:
     """10 train and 2 val images of 48x48 (crops of a bundled photograph) and their manifest."""
     from skimage import data, io
 
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
 
     (root / "train").mkdir(parents=True, exist_ok=True)
     (root / "val").mkdir(exist_ok=True)
@@ -171,7 +171,7 @@ def test_proxy_validator_is_deterministic_and_leaves_the_model_alone(tmp_path):
 
 
 def test_validation_needs_a_val_split(tmp_path):
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
     from rcl_dist.train.validate import validation_images
 
     manifest = _tiny_data(tmp_path / "data")

@@ -257,7 +257,8 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
     A manifest indexed as real noisy photographs (``data index --noise none``) trained with simulated
     noise added on top, or the other way round, is refused: ``data.noise`` must say what the files are.
     """
-    from rcl_dist.data.manifest import index_images, manifest_noise
+    from rcl_dist.data.index import index_images
+    from rcl_dist.data.manifest import manifest_noise
 
     if cfg.data.manifest:
         path = Path(cfg.data.manifest).expanduser().resolve()  # workers run in another directory
