@@ -478,7 +478,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
                   tracking_uri: str | None = None, run_name: str | None = None, out: str | None = None,
                   storage_path: str | None = None, workers: int | None = None):  # fmt: skip
     """The :class:`FinetuneSpec` of a fine-tuning cell (``source``: checkpoint path or "none")."""
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     engine_ray = p.finetune_engine == "ray"
     w = (workers or p.workers) if engine_ray else 1

@@ -42,7 +42,8 @@ def _proxy(model, cfg, labels: int, workdir: Path):
     from rcl_dist.data.images import shared_data_dir
     from rcl_dist.data.index import index_images
     from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.finetune import FinetuneSpec, finetune_local
+    from rcl_dist.train.finetune import finetune_local
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     manifest = workdir / "labels.parquet"
     if not manifest.is_file():

@@ -218,7 +218,7 @@ def _finetune(args) -> None:
     import json
 
     from rcl_dist.config import load_config
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_spec import FinetuneSpec
     from rcl_dist.train.finetune_ray import run_finetune
     from rcl_dist.train.launch import RUN_STATE, rcl_home
 

@@ -86,7 +86,7 @@ def run_demo(
     from rcl_dist.models.io import load_checkpoint
     from rcl_dist.registry import promote, register
     from rcl_dist.paths import resolve_tracking_uri
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_spec import FinetuneSpec
     from rcl_dist.train.finetune_ray import run_finetune
     from rcl_dist.train.launch import RUN_STATE, rcl_home, run_pretrain
 

@@ -14,13 +14,9 @@ from PIL import Image
 
 from rcl_dist.config import Config, ConfigError
 from rcl_dist.models.io import load_checkpoint, save_checkpoint
-from rcl_dist.train.finetune import (
-    FinetuneSpec,
-    build_label_set,
-    finetune_local,
-    head_kind,
-    prepare_finetune_model,
-)
+from rcl_dist.train.finetune import finetune_local, head_kind, prepare_finetune_model
+from rcl_dist.train.finetune_spec import FinetuneSpec
+from rcl_dist.train.labels import build_label_set
 from rcl_dist.models.factory import build_model_from_config
 
 TINY_MODEL = {"name": "unet", "width": 4, "depth": 2}

@@ -17,17 +17,9 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from rcl_dist.config import ConfigError
-from rcl_dist.train.finetune import (
-    FinetuneResult,
-    FinetuneSpec,
-    build_label_set,
-    checkpoint_extra,
-    fit_proxy,
-    label_pair_spec,
-    make_optimizer,
-    prepare_finetune_model,
-    train_on_labels,
-)
+from rcl_dist.train.finetune import checkpoint_extra, fit_proxy, make_optimizer, prepare_finetune_model, train_on_labels
+from rcl_dist.train.finetune_spec import FinetuneResult, FinetuneSpec
+from rcl_dist.train.labels import build_label_set, label_pair_spec
 from rcl_dist.train.probe import ProbeTrace
 
 __all__ = ["train_func_per_worker", "run_finetune"]

@@ -6,7 +6,7 @@ sweep ranks is the paper's proxy evaluation (Sec. 4) on a *validation* split of 
 1. copy the network being pre-trained (the copy never touches the training state);
 2. replace its last layer by a fresh denoising layer, freeze everything else, and fit the layer on
    ``labels`` labelled crops of the manifest's ``label_split`` rows
-   (:func:`rcl_dist.train.finetune.build_label_set`: seeded, the same crops for every trial with the
+   (:func:`rcl_dist.train.labels.build_label_set`: seeded, the same crops for every trial with the
    same ``crop``) with the probe of :mod:`rcl_dist.train.probe` (``fit``: closed-form least squares,
    then IRLS towards L1 until the label L1 settles; ``adam``: ``steps`` Adam steps, for comparison);
 3. restore the first ``val_images`` whole images of the manifest's ``val_split`` rows (sorted by path)
@@ -105,7 +105,7 @@ class ProxyValidator:
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _spec(self):
-        from rcl_dist.train.finetune import FinetuneSpec
+        from rcl_dist.train.finetune_spec import FinetuneSpec
 
         o = self.objective
         return FinetuneSpec(
@@ -117,7 +117,7 @@ class ProxyValidator:
     def _load(self, gray: bool) -> None:
         from rcl_dist.data.images import load_image
         from rcl_dist.evaluate import make_test_pair
-        from rcl_dist.train.finetune import build_label_set
+        from rcl_dist.train.labels import build_label_set
 
         o, d = self.objective, self.cfg.data
         self._labels = build_label_set(self._spec(), None, gray)
