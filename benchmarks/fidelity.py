@@ -1264,7 +1264,7 @@ class Harness:
         from mlflow import MlflowClient
 
         from rcl_dist.data.images import list_images, load_image
-        from rcl_dist.data.reference import PairSampler
+        from rcl_dist.data.sampler import PairSampler
         from rcl_dist.models.io import load_checkpoint
         from rcl_dist.losses.diagnostics import residual_noise_distances
         from rcl_dist.figures import pos_neg_from_distance_matrix
