@@ -872,7 +872,8 @@ def start_private_ray(num_cpus: int) -> None:
     our own first makes ``ensure_ray`` (called by run_pretrain / run_finetune) return at once."""
     import ray
 
-    from rcl_dist.train.launch import ensure_ray, rcl_home
+    from rcl_dist.paths import rcl_home
+    from rcl_dist.train.launch import ensure_ray
 
     if ray.is_initialized():
         return
@@ -1091,7 +1092,8 @@ class Harness:
     def _run_pretrain(self, cell: Cell) -> dict[str, Any]:
         from rcl_dist.config import ConfigError
         from rcl_dist.models.io import checkpoint_file
-        from rcl_dist.train.launch import rcl_home, run_pretrain
+        from rcl_dist.paths import rcl_home
+        from rcl_dist.train.launch import run_pretrain
 
         start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
         storage = rcl_home() / "ray_results"
@@ -1179,7 +1181,7 @@ class Harness:
         out_dir = self.work / "checkpoints" / _slug(cell.key.replace("|", "-"))
         if self.preset.finetune_engine == "ray":
             from rcl_dist.train.finetune_ray import run_finetune
-            from rcl_dist.train.launch import rcl_home
+            from rcl_dist.paths import rcl_home
 
             start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
             storage = rcl_home() / "ray_results"

@@ -215,12 +215,10 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
 
 
 def _finetune(args) -> None:
-    import json
-
     from rcl_dist.config import load_config
-    from rcl_dist.train.finetune_spec import FinetuneSpec
+    from rcl_dist.paths import rcl_home, read_run_state
     from rcl_dist.train.finetune_ray import run_finetune
-    from rcl_dist.train.launch import RUN_STATE, rcl_home
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     source, manifest = args.source, args.manifest
     if source != "none" and not Path(source).exists():
@@ -229,10 +227,11 @@ def _finetune(args) -> None:
             raise FileNotFoundError(f"--from {source}: neither a checkpoint path nor a run under {run_dir.parent}")
         source = str(run_dir)
     if manifest is None and source != "none":
-        state = next((p / RUN_STATE for p in [Path(source), *Path(source).parents] if (p / RUN_STATE).is_file()), None)
-        if state is None:
-            raise FileNotFoundError(f"--from {args.source}: no run state beside it to take the manifest from: pass --manifest")
-        manifest = json.loads(state.read_text())["manifest"]
+        try:
+            state = read_run_state(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--from {args.source}: no run state beside it to take the manifest from: pass --manifest") from None
+        manifest = state["manifest"]
     if manifest is None:
         raise FileNotFoundError("--from none needs --manifest")
     spec = FinetuneSpec(

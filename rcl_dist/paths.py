@@ -1,18 +1,25 @@
-"""Where rcl_dist keeps things on disk: its home folder and the local MLflow store.
+"""Where rcl_dist keeps things on disk: its home folder, the local MLflow store, and each pre-training
+run's state file.
 
 ``$RCL_DIST_HOME`` (default ``~/.rcl_dist``) holds the local MLflow store (``mlflow.db``, artifacts
 under ``mlartifacts/``), manifests, Ray results and sweeps. A tracking URI resolves to the argument,
-else ``$MLFLOW_TRACKING_URI``, else that local store (see ``docs/tracking.md``).
+else ``$MLFLOW_TRACKING_URI``, else that local store (see ``docs/tracking.md``). Beside each
+pre-training run's Ray folder, :data:`RUN_STATE` records its MLflow run, manifest and config.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "rcl_home",
+    "ray_results",
+    "RUN_STATE",
+    "read_run_state",
     "default_tracking_uri",
     "default_artifacts_dir",
     "resolve_tracking_uri",
@@ -29,6 +36,27 @@ def rcl_home() -> Path:
     env = os.environ.get("RCL_DIST_HOME")
     # abspath, not resolve(): keep the user's spelling of symlinked folders (e.g. /tmp on macOS)
     return Path(os.path.abspath(os.path.expanduser(env) if env else Path.home() / ".rcl_dist"))
+
+
+def ray_results(storage_path: str | os.PathLike | None = None) -> Path:
+    """Where Ray keeps runs (checkpoints, run state): ``storage_path``, else ``$RCL_DIST_HOME/ray_results``
+    (``~`` expanded, resolved)."""
+    return Path(storage_path or rcl_home() / "ray_results").expanduser().resolve()
+
+
+RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id, the manifest, the config
+
+
+def read_run_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state of the pre-training run holding ``path`` (its run folder, or a checkpoint folder or file
+    in it): the :data:`RUN_STATE` file of ``path`` or of the nearest folder above it, as a dict
+    (``manifest``, ``mlflow_run_id``, ``tracking_uri``, ``config``). FileNotFoundError when there is
+    none; OSError or ValueError when it cannot be read."""
+    p = Path(path)
+    state = next((d / RUN_STATE for d in [p, *p.parents] if (d / RUN_STATE).is_file()), None)
+    if state is None:
+        raise FileNotFoundError(f"{path}: no {RUN_STATE} there or in a folder above it")
+    return json.loads(state.read_text())
 
 
 def default_tracking_uri() -> str:

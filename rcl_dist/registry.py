@@ -156,21 +156,18 @@ def _download_checkpoint(client, run, dest: Path) -> Path:
 
 def _pretrain_lineage(pretrain_checkpoint: str | None) -> dict[str, str]:
     """Pre-training run id and manifest from the Ray run state beside the pre-training checkpoint."""
-    from rcl_dist.train.launch import RUN_STATE
+    from rcl_dist.paths import read_run_state
 
     out = {"pretrain_run_id": "unknown", "pretrain_manifest": "unknown"}
     if not pretrain_checkpoint or pretrain_checkpoint.lower() == "none":
         out.update(pretrain_run_id="none (random initialisation)", pretrain_manifest="none")
         return out
-    p = Path(pretrain_checkpoint)
-    state = next((d / RUN_STATE for d in [p, *p.parents] if (d / RUN_STATE).is_file()), None)
-    if state is not None:
-        try:
-            info = json.loads(state.read_text())
-            out["pretrain_run_id"] = str(info.get("mlflow_run_id") or "none (not tracked)")
-            out["pretrain_manifest"] = str(info.get("manifest") or "unknown")
-        except (OSError, ValueError):
-            pass
+    try:
+        info = read_run_state(pretrain_checkpoint)
+    except (OSError, ValueError):  # no run state beside it (FileNotFoundError), or an unreadable one
+        return out
+    out["pretrain_run_id"] = str(info.get("mlflow_run_id") or "none (not tracked)")
+    out["pretrain_manifest"] = str(info.get("manifest") or "unknown")
     return out
 
 

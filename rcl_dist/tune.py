@@ -323,7 +323,8 @@ def run_sweep(
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig, TuneConfig, Tuner
 
-    from rcl_dist.train.launch import check_gpus, ensure_manifest, ensure_ray, rcl_home
+    from rcl_dist.paths import rcl_home
+    from rcl_dist.train.launch import check_gpus, ensure_manifest, ensure_ray
     from rcl_dist.train.validate import validation_images
 
     storage = Path(storage or rcl_home() / "sweeps").expanduser().resolve()

@@ -28,7 +28,7 @@ from rcl_dist.registry import DEFAULT_ALIAS, main_promote, promote, register
 from rcl_dist.serving import load_denoiser
 from rcl_dist.tracking import RunTracker
 from rcl_dist.train.finetune_spec import FinetuneSpec
-from rcl_dist.train.launch import RUN_STATE
+from rcl_dist.paths import RUN_STATE
 
 from test_denoise import expected, fine_tuned_checkpoint, smooth
 from servers import free_port, mlflow_command, stop_group, wait_until_answers

@@ -112,10 +112,11 @@ def run_finetune(
     from rcl_dist.train.trainer import make_torch_trainer
 
     from rcl_dist.models.io import CHECKPOINT_FILE
-    from rcl_dist.train.launch import check_gpus, ensure_ray, rcl_home
+    from rcl_dist.paths import ray_results
+    from rcl_dist.train.launch import check_gpus, ensure_ray
 
     info = _check_before_start(spec)
-    storage = Path(spec.storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    storage = ray_results(spec.storage_path)
     name = spec.run_name or time.strftime("finetune-%Y%m%d-%H%M%S")
     if (storage / name).exists():
         raise ConfigError(f"run_name {name!r} already exists under {storage}: choose another name")

@@ -24,7 +24,7 @@ from rcl_dist.data.codec import decode_image_bytes, encode_png
 from rcl_dist.models.io import load_checkpoint
 from rcl_dist.registry import register
 from rcl_dist.serving import DenoiserModel, global_uris, load_denoiser, model_signature
-from rcl_dist.train.launch import RUN_STATE
+from rcl_dist.paths import RUN_STATE
 
 from test_denoise import expected, fine_tuned_checkpoint, smooth
 from test_registry import finetune_run
