@@ -175,19 +175,17 @@ def image_grid(
 
 
 def emd_gap_density(
-    pos_init: Any,
-    neg_init: Any,
-    pos_final: Any,
-    neg_final: Any,
+    init: tuple[Any, Any],
+    final: tuple[Any, Any],
     *,
     reference: tuple[Any, Any] | None = None,
     noise_distance: dict[str, Any] | None = None,
     bins: int = 60,
     max_values: int = 50_000,
 ) -> tuple[Any, dict[str, Any]]:
-    """The paper's Fig. 2 and its numbers: ``(figure, summary)``; see
-    :meth:`rcl_dist.tracking.RunTracker.log_emd_density_plot` for the arguments."""
-    raw = {"init": _gaps(pos_init, neg_init, "init"), "final": _gaps(pos_final, neg_final, "final")}
+    """The paper's Fig. 2 and its numbers: ``(figure, summary)``. ``init``, ``final`` and ``reference``
+    are (positive, negative) distance pairs; see :meth:`rcl_dist.tracking.RunTracker.log_emd_density_plot`."""
+    raw = {"init": _gaps(init[0], init[1], "init"), "final": _gaps(final[0], final[1], "final")}
     if reference is not None:
         raw["noise"] = _gaps(reference[0], reference[1], "noise")
     finite = {k: v[np.isfinite(v)] for k, v in raw.items()}

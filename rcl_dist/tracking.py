@@ -480,7 +480,7 @@ class RunTracker:
         dropped and counted. Returns the JSON content.
         """
         fig, result = emd_gap_density(
-            pos_init, neg_init, pos_final, neg_final,
+            (pos_init, neg_init), (pos_final, neg_final),
             reference=reference, noise_distance=noise_distance, bins=bins, max_values=max_values,
         )  # fmt: skip
         prefix = f"{subdir.strip('/')}/" if subdir else ""

@@ -60,7 +60,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -433,7 +433,7 @@ def _build(plan: _Plan, spec: PairSpec, device_id: int | None, num_threads: int,
     return pipe
 
 
-def build_pipeline(
+def _planned_pipeline(
     manifest: pa.Table | str | os.PathLike,
     spec: PairSpec,
     *,
@@ -442,16 +442,24 @@ def build_pipeline(
     simulated_dir: str | os.PathLike | None = None,
     prefetch: int = 2,
     return_index: bool = False,
-):
+) -> tuple[_Plan, Any, list[str]]:
+    """(the plan, the built pipeline, its output names): the options of :func:`build_pipeline` and
+    :class:`DALILoader`, in one place."""
+    plan = _plan(manifest, spec, simulated_dir)
+    return plan, _build(plan, spec, device_id, num_threads, prefetch, return_index), _output_names(spec, return_index)
+
+
+def build_pipeline(manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any):
     """The built DALI pipeline of ``spec`` over the manifest (a pyarrow Table or a parquet path).
 
     Outputs, in order: ``spec.keys`` as float32 CHW samples, then (``return_index``) the int32 row
-    index of each sample into the usable rows (:attr:`DALILoader.rows`). ``device_id``: None for a
-    CPU-only pipeline, else the local GPU index. ``simulated_dir``: the folder of fixed realisations
-    (needed for ``realisation="fixed"``). Its reader is named ``"Reader"``.
+    index of each sample into the usable rows (:attr:`DALILoader.rows`). Keyword options:
+    ``device_id`` (None, the default: a CPU-only pipeline; else the local GPU index), ``num_threads``
+    (2), ``simulated_dir`` (the folder of fixed realisations, needed for ``realisation="fixed"``),
+    ``prefetch`` (2, DALI's prefetch queue depth) and ``return_index`` (False). Its reader is named
+    ``"Reader"``.
     """
-    plan = _plan(manifest, spec, simulated_dir)
-    return _build(plan, spec, device_id, num_threads, prefetch, return_index)
+    return _planned_pipeline(manifest, spec, **options)[1]
 
 
 class DALILoader:
@@ -463,23 +471,13 @@ class DALILoader:
     it for the next loop: DALI's iterator cannot restart an epoch halfway.
     """
 
-    def __init__(
-        self,
-        manifest: pa.Table | str | os.PathLike,
-        spec: PairSpec,
-        *,
-        device_id: int | None = None,
-        num_threads: int = 2,
-        simulated_dir: str | os.PathLike | None = None,
-        prefetch: int = 2,
-        return_index: bool = False,
-    ) -> None:
+    def __init__(self, manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any) -> None:
+        """``options``: those of :func:`build_pipeline` (``device_id``, ``num_threads``, ``simulated_dir``,
+        ``prefetch``, ``return_index``)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.spec = spec
-        self._plan = _plan(manifest, spec, simulated_dir)
-        self.pipeline = _build(self._plan, spec, device_id, num_threads, prefetch, return_index)
-        self._names = _output_names(spec, return_index)
+        self._plan, self.pipeline, self._names = _planned_pipeline(manifest, spec, **options)
         self._failed: str | None = None
         self._iter = DALIGenericIterator(
             [self.pipeline],
