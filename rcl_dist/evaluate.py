@@ -137,7 +137,7 @@ def make_test_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed test (input, target) of ``task`` for one clean image [C, H, W] in [0, 1] (float32 tensors).
 
-    See the module docstring for what each task produces. The same (clean, task, image_id, seed and
+    See ``docs/evaluation.md`` for what each task produces. The same (clean, task, image_id, seed and
     noise options) always give the same tensors; another ``image_id`` gives other noise.
     ``sigma`` (0-255 scale): fixed Gaussian noise for denoise/gaussian/jdensr/jdd (required for
     ``gaussian``). ``raw``: layout of the jdd input, ``"packed"`` [4, H/2, W/2] or ``"mosaic"`` [1, H, W].
