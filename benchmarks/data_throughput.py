@@ -95,7 +95,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from rcl_dist.data.dali import DALILoader
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
     from rcl_dist.data.reference import make_loader
 
     with tempfile.TemporaryDirectory() as tmp_name:

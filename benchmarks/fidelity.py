@@ -478,7 +478,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
                   tracking_uri: str | None = None, run_name: str | None = None, out: str | None = None,
                   storage_path: str | None = None, workers: int | None = None):  # fmt: skip
     """The :class:`FinetuneSpec` of a fine-tuning cell (``source``: checkpoint path or "none")."""
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     engine_ray = p.finetune_engine == "ray"
     w = (workers or p.workers) if engine_ray else 1
@@ -872,7 +872,8 @@ def start_private_ray(num_cpus: int) -> None:
     our own first makes ``ensure_ray`` (called by run_pretrain / run_finetune) return at once."""
     import ray
 
-    from rcl_dist.train.launch import ensure_ray, rcl_home
+    from rcl_dist.paths import rcl_home
+    from rcl_dist.train.launch import ensure_ray
 
     if ray.is_initialized():
         return
@@ -934,7 +935,7 @@ class Harness:
         if not os.environ.get("RCL_DIST_HOME"):
             os.environ["RCL_DIST_HOME"] = str((self.work / "home").resolve())
         if self.tracking_uri is None:
-            from rcl_dist.tracking import resolve_tracking_uri
+            from rcl_dist.paths import resolve_tracking_uri
 
             self.tracking_uri = resolve_tracking_uri(None)
 
@@ -980,7 +981,7 @@ class Harness:
         [0, gaussian_sigma_max]) or the PolyU training-split manifest ("real"), indexed once."""
         if which in self._manifests:
             return self._manifests[which]
-        from rcl_dist.data.manifest import index_images
+        from rcl_dist.data.index import index_images
 
         sampler, sigma_max = "uniform", 20.0 / 255.0
         if which == "train":
@@ -997,7 +998,7 @@ class Harness:
                      sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None,
                      noise="none" if which == "real_noisy" else "simulated")  # fmt: skip
         if which in ("train", "gaussian") and self.preset.realisation == "fixed":
-            from rcl_dist.data.manifest import simulate
+            from rcl_dist.data.simulate import simulate
 
             # the stored noisy images every pre-training reads (where simulated_dir_for looks):
             # realisation 0 for all, 1 for N2N's second image, and the RAW-domain ones of RCL-EMD (RAW)
@@ -1091,7 +1092,8 @@ class Harness:
     def _run_pretrain(self, cell: Cell) -> dict[str, Any]:
         from rcl_dist.config import ConfigError
         from rcl_dist.models.io import checkpoint_file
-        from rcl_dist.train.launch import rcl_home, run_pretrain
+        from rcl_dist.paths import rcl_home
+        from rcl_dist.train.launch import run_pretrain
 
         start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
         storage = rcl_home() / "ray_results"
@@ -1129,7 +1131,8 @@ class Harness:
 
     def _evaluate(self, model, cell: Cell, run_id: str | None) -> list[dict[str, Any]]:
         """Evaluate ``model`` on every set of the cell; log the summaries to MLflow run ``run_id``."""
-        from rcl_dist.evaluate import WHOLE_IMAGE, evaluate_folder, summarise
+        from rcl_dist.evaluate import evaluate_folder, summarise
+        from rcl_dist.infer import WHOLE_IMAGE
 
         results = []
         for dataset, folder_key, task, sigma in cell.evals:
@@ -1178,7 +1181,7 @@ class Harness:
         out_dir = self.work / "checkpoints" / _slug(cell.key.replace("|", "-"))
         if self.preset.finetune_engine == "ray":
             from rcl_dist.train.finetune_ray import run_finetune
-            from rcl_dist.train.launch import rcl_home
+            from rcl_dist.paths import rcl_home
 
             start_private_ray(max(os.cpu_count() or 1, self.preset.workers + 1))
             storage = rcl_home() / "ray_results"
@@ -1263,10 +1266,11 @@ class Harness:
         from mlflow import MlflowClient
 
         from rcl_dist.data.images import list_images, load_image
-        from rcl_dist.data.reference import PairSampler
+        from rcl_dist.data.sampler import PairSampler
         from rcl_dist.models.io import load_checkpoint
         from rcl_dist.losses.diagnostics import residual_noise_distances
-        from rcl_dist.tracking import FIG2_ARTIFACT, pos_neg_from_distance_matrix
+        from rcl_dist.figures import pos_neg_from_distance_matrix
+        from rcl_dist.tracking import FIG2_ARTIFACT
         from rcl_dist.models.factory import build_model_from_config
         from rcl_dist.train.local import build_objective_from_config
         from rcl_dist.train.pretrain import _distance_matrix

@@ -2,7 +2,7 @@
 pre-training's gain?
 
 For each recipe and label count, ``finetune_local`` fine-tunes the whole network on exactly that many
-labelled crops (the label set of ``rcl_dist.train.finetune.build_label_set``, seed 0, nested across
+labelled crops (the label set of ``rcl_dist.train.labels.build_label_set``, seed 0, nested across
 counts) and the result is evaluated on the first ``--eval-limit`` images of each test folder
 (evaluation seed 0, NLF noise sigma in [0, 20], the inputs every fidelity row sees). The checkpoint as
 it is (no labels) is the zero-label row. Each row records the label L1 before and after fine-tuning,
@@ -57,7 +57,8 @@ def evaluate(model, folders, limit) -> dict:
 
 def main() -> int:
     from rcl_dist.models.io import load_checkpoint
-    from rcl_dist.train.finetune import FinetuneSpec, finetune_local
+    from rcl_dist.train.finetune import finetune_local
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="pre-training checkpoint")

@@ -56,7 +56,7 @@ def bundled_manifest(folder: Path, tile: int) -> Path:
 
     from rcl_dist.data.images import bundled_images
     from rcl_dist.data.images import tile as cut
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
 
     img_dir = folder / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

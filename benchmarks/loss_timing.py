@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rcl_dist.data.images import bundled_images, tile
-from rcl_dist.data.reference import PairSampler
+from rcl_dist.data.sampler import PairSampler
 from rcl_dist.losses.contrastive import ResidualContrastiveLoss
 from rcl_dist.losses.distances import get_distance
 

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rcl_dist.config import load_config
     from rcl_dist.data.images import shared_data_dir
-    from rcl_dist.data.manifest import index_images
-    from rcl_dist.train.finetune import FinetuneSpec, finetune_local
+    from rcl_dist.data.index import index_images
+    from rcl_dist.train.finetune import finetune_local
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     root = shared_data_dir()
     if root is None:

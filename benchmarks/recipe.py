@@ -40,9 +40,10 @@ BASE = ("model.name=unet model.width=16 model.depth=3 data.source=shared:train/C
 def _proxy(model, cfg, labels: int, workdir: Path):
     """The model's body with a fresh last layer fitted on ``labels`` CBSD432 crops (the fidelity proxy)."""
     from rcl_dist.data.images import shared_data_dir
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
     from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.finetune import FinetuneSpec, finetune_local
+    from rcl_dist.train.finetune import finetune_local
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     manifest = workdir / "labels.parquet"
     if not manifest.is_file():

@@ -2,23 +2,14 @@
 model must clear.
 
 Each estimates the noise level from the noisy image itself, as a user without ground truth would
-(:func:`skimage.restoration.estimate_sigma`: the median absolute deviation of the finest diagonal
-wavelet coefficients, Donoho & Johnstone 1994, averaged over channels), then denoises:
-
-* ``nlm``: non-local means (Buades et al. 2005), scikit-image's ``denoise_nl_means`` in fast mode,
-  5x5 patches, 13x13 search window, filter strength h = 0.8 sigma (scikit-image's documented choice
-  when sigma is given);
-* ``wavelet``: BayesShrink soft thresholding (Chang et al. 2000) in YCbCr for RGB
-  (``denoise_wavelet``, needs PyWavelets);
-* ``bm3d``: BM3D (Dabov et al. 2007; ``bm3d_rgb`` for RGB, in its opponent colour space) from the
-  ``bm3d`` package, which is free for non-commercial use only and is therefore not installed with
-  this product: ``pip install bm3d`` where its licence allows.
-
-The heteroscedastic noise of Eq. 8 has no single sigma; these methods get the one the estimator
-reports, which is what they would get on a user's photograph. :class:`ClassicalDenoiser` has a
-``restore`` like the trained networks (an ``nn.Module`` without parameters), so
-:func:`rcl_dist.evaluate.evaluate_folder` and ``rcl-dist evaluate --model classical:NAME`` measure
-it on the same fixed test inputs as every trained method.
+(:func:`skimage.restoration.estimate_sigma`, Donoho & Johnstone 1994), then denoises: ``nlm``
+(non-local means, Buades et al. 2005), ``wavelet`` (BayesShrink, Chang et al. 2000) or ``bm3d``
+(Dabov et al. 2007; the ``bm3d`` package is free for non-commercial use only and not installed with
+this product: ``pip install bm3d`` where its licence allows). The heteroscedastic noise of Eq. 8 has
+no single sigma; these methods get the one the estimator reports. :class:`ClassicalDenoiser` has a
+``restore`` like the trained networks, so :func:`rcl_dist.evaluate.evaluate_folder` and ``rcl-dist
+evaluate --model classical:NAME`` measure it on the same fixed test inputs as every trained method.
+Settings of each method: ``docs/classical.md``.
 """
 
 from __future__ import annotations

@@ -215,12 +215,10 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
 
 
 def _finetune(args) -> None:
-    import json
-
     from rcl_dist.config import load_config
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.paths import rcl_home, read_run_state
     from rcl_dist.train.finetune_ray import run_finetune
-    from rcl_dist.train.launch import RUN_STATE, rcl_home
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     source, manifest = args.source, args.manifest
     if source != "none" and not Path(source).exists():
@@ -229,10 +227,11 @@ def _finetune(args) -> None:
             raise FileNotFoundError(f"--from {source}: neither a checkpoint path nor a run under {run_dir.parent}")
         source = str(run_dir)
     if manifest is None and source != "none":
-        state = next((p / RUN_STATE for p in [Path(source), *Path(source).parents] if (p / RUN_STATE).is_file()), None)
-        if state is None:
-            raise FileNotFoundError(f"--from {args.source}: no run state beside it to take the manifest from: pass --manifest")
-        manifest = json.loads(state.read_text())["manifest"]
+        try:
+            state = read_run_state(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--from {args.source}: no run state beside it to take the manifest from: pass --manifest") from None
+        manifest = state["manifest"]
     if manifest is None:
         raise FileNotFoundError("--from none needs --manifest")
     spec = FinetuneSpec(
@@ -251,11 +250,11 @@ def _finetune(args) -> None:
 
 
 def _data(args) -> None:
-    from rcl_dist.data import manifest
-
     if args.data_command == "index":
+        from rcl_dist.data.index import index_images
+
         options = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max} if args.sampler in ("uniform", "gaussian") else None
-        manifest.index_images(  # logs its progress, rejects and summary
+        index_images(  # logs its progress, rejects and summary
             args.dirs,
             args.out,
             seed=args.seed,
@@ -267,7 +266,9 @@ def _data(args) -> None:
             replace=args.replace,
         )
     else:
-        n = manifest.simulate(
+        from rcl_dist.data.simulate import simulate
+
+        n = simulate(
             args.manifest, args.out, raw=args.raw, pairs=args.pairs, split=args.split, gray=args.gray, force=args.force
         )
         print(f"{n} noisy realisation(s) in {args.out}")
@@ -332,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 sigma=args.sigma, tile=args.tile, overlap=args.overlap,
             )
         elif args.command == "sweep":
-            from rcl_dist.tune import load_space, run_sweep, write_report
+            from rcl_dist.tune import run_sweep, write_report
+            from rcl_dist.tune_space import load_space
 
             space = load_space(args.space, args.overrides)
             result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)

@@ -265,23 +265,29 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
-        hints = get_type_hints(cls)
-        unknown = set(d) - set(hints)
-        if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; allowed: {sorted(hints)}")
+        hints = _fields(cls, d, None)
         sections = {name: _section(hints[name], name, d.get(name) or {}) for name in hints}
         return cls(**sections).validate()
 
 
-def _section(cls: type, name: str, values: Any) -> Any:
+def _fields(cls: type, values: Any, section: str | None) -> dict[str, Any]:
+    """The field types of ``cls`` (the Config when ``section`` is None, else that section's class), once
+    ``values`` is checked to be a mapping of some of them; the errors name the section."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping, got {show_value(values)}")
+        if section is None:
+            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+        raise ConfigError(f"config section {section!r} must be a mapping, got {show_value(values)}")
     hints = get_type_hints(cls)
     unknown = set(values) - set(hints)
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(f'{name}.{k}' for k in unknown)}; allowed in {name}: {sorted(hints)}")
+        if section is None:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; allowed: {sorted(hints)}")
+        raise ConfigError(f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; allowed in {section}: {sorted(hints)}")
+    return hints
+
+
+def _section(cls: type, name: str, values: Any) -> Any:
+    hints = _fields(cls, values, name)
     return cls(**{k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()})
 
 

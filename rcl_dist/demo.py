@@ -80,14 +80,15 @@ def run_demo(
     import torch
 
     from rcl_dist.config import load_config
-    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise, tiled_restore
+    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise
+    from rcl_dist.infer import tiled_restore
     from rcl_dist.data.images import load_image
     from rcl_dist.models.io import load_checkpoint
     from rcl_dist.registry import promote, register
-    from rcl_dist.tracking import resolve_tracking_uri
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.paths import rcl_home, read_run_state, resolve_tracking_uri
+    from rcl_dist.train.finetune_spec import FinetuneSpec
     from rcl_dist.train.finetune_ray import run_finetune
-    from rcl_dist.train.launch import RUN_STATE, rcl_home, run_pretrain
+    from rcl_dist.train.launch import run_pretrain
 
     t0 = time.perf_counter()
     home = rcl_home()
@@ -96,7 +97,7 @@ def run_demo(
 
     log(f"[demo 1-2/6] index bundled images, RCL pre-training ({pretrain_steps} steps, {cfg.dist.workers} workers)")
     pre = run_pretrain(cfg, log=log)
-    manifest = __import__("json").loads((Path(pre.storage_path) / pre.run_name / RUN_STATE).read_text())["manifest"]
+    manifest = read_run_state(Path(pre.storage_path) / pre.run_name)["manifest"]
 
     eval_dir, eval_what = _eval_folder(home, eval_images)
     crop = cfg.data.crop

@@ -3,58 +3,12 @@
 :func:`denoise_paths` (CLI: :func:`main_denoise`) restores image files and folders with a model given as
 a checkpoint (file or folder holding ``state.pt``) or an MLflow model URI (``models:/NAME@alias``,
 ``models:/NAME/3``, ``runs:/RUN/denoiser``, or a local MLflow model folder; see
-:func:`rcl_dist.registry.load_denoiser`). Inference is tiled (:func:`rcl_dist.evaluate.tiled_restore`),
-so the network's memory is bounded by the tile size, not the image size.
-
-Files and bit depth
--------------------
-* Folders are read non-recursively; files with the suffixes of :data:`rcl_dist.data.images.IMAGE_SUFFIXES`
-  are taken in sorted order. A file given by name is read whatever its suffix.
-* The output keeps the input's sample depth: 8-bit in, 8-bit out; 16-bit in, 16-bit out (the codec is
-  :mod:`rcl_dist.data.codec`: 16-bit PNGs read with all 16 bits and written by its ``encode_png``, TIFF
-  through ``tifffile``).
-* Output format: PNG in, PNG out; TIFF in, TIFF out (same suffix); BMP in, BMP out; JPEG (and
-  anything else) in, **PNG out** (lossless: a JPEG re-encoding would add its own artefacts to the
-  restored image). A JPEG's EXIF orientation is applied before restoring. Images with less than 8 bits
-  per sample (1/2/4-bit PNG, palette images) come out as 8-bit. Metadata (ICC profiles, EXIF, text
-  chunks) is not copied.
-* Channels: grey stays grey, RGB stays RGB; an alpha channel is passed through unchanged. A grey image
-  through an RGB model is restored as 3 equal channels and averaged back; an RGB image through a grey
-  model is restored channel by channel. RAW-input (``jdd``) models cannot denoise image files.
-
-Where outputs go
-----------------
-``out`` is a folder (created when missing) receiving ``<stem><suffix>`` for every input file, flat;
-with exactly one input file and an ``out`` that has an image suffix, ``out`` is the output file.
-Nothing is written when an output would resolve to an input file (``out`` is the input folder and the
-names are the same, or a link to it): the error says which file and asks for another ``out``; two
-inputs with the same output name are refused the same way. Each output is written to a temporary name
-and renamed, so an interrupted run never leaves a half-written image.
-
-**The overwrite rule**: an existing file is replaced only if this command wrote it, in this run or an
-earlier one, and it has not changed since. Every output folder holds a record of what the command
-wrote there (:data:`OUTPUT_RECORD`, JSON: name -> size and modification time); an existing output
-that is not in the record, or no longer matches it (a user's own ``x.png``, a file edited since, a
-link), is left alone and reported as a failure of that input, naming the file; ``overwrite=True``
-(``--overwrite``) replaces it anyway. A missing or unreadable record means nothing is replaced.
-
-Hostile files
--------------
-Every image goes through :func:`rcl_dist.data.codec.read_image`: regular files only (a FIFO, ``/dev/zero`` or a folder
-named ``.png`` is refused before a byte is read, see :func:`rcl_dist.data.images.read_regular_file`),
-at most :func:`rcl_dist.data.images.file_byte_limit` bytes, and at most the pixel budget
-(:func:`rcl_dist.data.images.pixel_budget`: ``max_pixels``, ``--max-pixels``, ``$RCL_DIST_MAX_PIXELS``,
-default 2**26) checked from the header before anything is decoded, for every format (PNG and TIFF
-headers read here, the others through Pillow's lazy ``Image.open``; Pillow's own
-``DecompressionBombError`` is reported the same way). The served model (:mod:`rcl_dist.registry`)
-decodes requests with the same function.
-
-Failures
---------
-A file that cannot be read or decoded, or is refused by the rules above, is reported on stderr
-(``denoise: [i/n] FILE: FAILED: reason``) and in the returned ``failed`` list; the other files are still
-done. Errors about the whole command (model not found, ``out`` refused, bad tile/overlap/budget) raise
-``ValueError`` / ``FileNotFoundError`` before any image is processed.
+:func:`rcl_dist.serving.load_denoiser`). Inference is tiled (:func:`rcl_dist.infer.tiled_restore`),
+so the network's memory is bounded by the tile size, not the image size. Outputs keep the input's bit
+depth and channels (JPEG in, PNG out); every file is read under the pixel budget and the regular-file
+rule of :mod:`rcl_dist.data.images`; an existing file is replaced only if this command wrote it and
+it has not changed since (:data:`OUTPUT_RECORD`), and a bad file fails alone. Formats, where outputs
+go, the overwrite rule and failures: ``docs/denoise.md``.
 """
 
 from __future__ import annotations
@@ -68,7 +22,7 @@ from pathlib import Path
 
 from rcl_dist.data.codec import from_float, read_image, to_float, write_image
 from rcl_dist.data.images import IMAGE_SUFFIXES, pixel_budget, read_regular_file, show_path
-from rcl_dist.evaluate import restore_array
+from rcl_dist.infer import restore_array
 
 __all__ = [
     "load_restorer",
@@ -94,7 +48,7 @@ def _is_model_uri(model: str) -> bool:
 
 def load_restorer(model: str | os.PathLike, *, tracking_uri: str | None = None, device: str | None = None):
     """The torch Restorer behind ``model``: an MLflow model URI (the checkpoint inside the registered
-    pyfunc model, see :func:`rcl_dist.registry.load_denoiser`) or a checkpoint file/folder.
+    pyfunc model, see :func:`rcl_dist.serving.load_denoiser`) or a checkpoint file/folder.
 
     Raises ``ValueError`` for an unknown model URI or a RAW-input model, ``FileNotFoundError`` for a
     missing checkpoint path.
@@ -103,7 +57,7 @@ def load_restorer(model: str | os.PathLike, *, tracking_uri: str | None = None, 
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if _is_model_uri(str(model)):
-        from rcl_dist.registry import restorer_from_uri
+        from rcl_dist.serving import restorer_from_uri
 
         net = restorer_from_uri(str(model), tracking_uri=tracking_uri).to(dev)
     else:
@@ -262,7 +216,7 @@ def denoise_paths(
     by this command (the others are still done), and for inputs that do not exist or hold no images.
     ``progress``: one line per file on stderr (``[i/n] name -> output (HxW, 16-bit, seconds)``).
     ``max_pixels``: the pixel budget per image (None: ``$RCL_DIST_MAX_PIXELS`` or the default);
-    ``overwrite``: replace existing outputs this command did not write. See the module docstring for
+    ``overwrite``: replace existing outputs this command did not write. See ``docs/denoise.md`` for
     formats, bit depth and the overwrite rule. Raises ``ValueError``/``FileNotFoundError`` for problems
     of the whole command (checked before any image is processed): bad tile/overlap/budget, an output
     that would overwrite an input, a model that cannot be loaded.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rcl_dist.config import load_config
-from rcl_dist.data.reference import PairSampler
+from rcl_dist.data.sampler import PairSampler
 from rcl_dist.losses.contrastive import ResidualContrastiveLoss, pair_distance_stats
 from rcl_dist.models.factory import build_model_from_config
 from rcl_dist.train.local import load_images, train_local

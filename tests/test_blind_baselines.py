@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from rcl_dist.config import ConfigError, global_residual_of, load_config
 from rcl_dist.losses.baselines import Blind2UnblindObjective, Neighbor2NeighborObjective, NeighborSubsampler
 from rcl_dist.models import build_model
-from rcl_dist.data.reference import PairSampler
+from rcl_dist.data.sampler import PairSampler
 from rcl_dist.train.local import load_images, train_local
 
 

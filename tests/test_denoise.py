@@ -16,7 +16,7 @@ from PIL import Image
 from rcl_dist.config import Config
 from rcl_dist.data.codec import decode_image_bytes, encode_png, from_float, read_image, to_float, write_image
 from rcl_dist.denoise import OUTPUT_RECORD, denoise_paths, main_denoise
-from rcl_dist.evaluate import restore_array
+from rcl_dist.infer import restore_array
 from rcl_dist.models.io import load_checkpoint, save_checkpoint
 from rcl_dist.models.factory import build_model_from_config
 
@@ -153,7 +153,7 @@ def test_tiff_16_stays_tiff_and_jpeg_becomes_png(ckpt, net, tmp_path):
 
 
 def test_large_image_tiled_matches_untiled(ckpt, tmp_path):
-    """600x520 with tile 128 against one piece: within evaluate.py's stated tiling accuracy
+    """600x520 with tile 128 against one piece: within infer.py's stated tiling accuracy
     (max |tiled - untiled| < 1e-3, PSNR > 80 dB, measured on the CPU), plus one 16-bit quantisation step."""
     img = smooth(520, 600, 3, np.uint16, 7)
     (tmp_path / "big.png").write_bytes(encode_png(img))

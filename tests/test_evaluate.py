@@ -26,9 +26,9 @@ from rcl_dist.evaluate import (
     make_test_pair,
     skipped_files,
     summarise,
-    tiled_restore,
     write_results,
 )
+from rcl_dist.infer import tiled_restore
 from rcl_dist.models import build_model
 from rcl_dist.models.io import save_checkpoint
 from rcl_dist.models.factory import build_model_from_config

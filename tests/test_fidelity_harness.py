@@ -36,7 +36,7 @@ fid = _load_fidelity()
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_every_config_loads_and_every_spec_constructs(name, engine):
     from rcl_dist.config import Config, global_residual_of
-    from rcl_dist.train.finetune import FinetuneSpec
+    from rcl_dist.train.finetune_spec import FinetuneSpec
 
     p = dataclasses.replace(fid.PRESETS[name], finetune_engine=engine)
     plan = fid.build_plan(p)

@@ -14,13 +14,9 @@ from PIL import Image
 
 from rcl_dist.config import Config, ConfigError
 from rcl_dist.models.io import load_checkpoint, save_checkpoint
-from rcl_dist.train.finetune import (
-    FinetuneSpec,
-    build_label_set,
-    finetune_local,
-    head_kind,
-    prepare_finetune_model,
-)
+from rcl_dist.train.finetune import finetune_local, head_kind, prepare_finetune_model
+from rcl_dist.train.finetune_spec import FinetuneSpec
+from rcl_dist.train.labels import build_label_set
 from rcl_dist.models.factory import build_model_from_config
 
 TINY_MODEL = {"name": "unet", "width": 4, "depth": 2}
@@ -37,7 +33,7 @@ def _smooth_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _index(folder: Path, out: Path) -> str:
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
 
     index_images([(str(folder), "train")], out, seed=0, log=lambda *_: None)
     return str(out)

@@ -1,4 +1,4 @@
-"""Manifest indexing, validation, incremental re-indexing and simulation (rcl_dist.data.manifest).
+"""Manifest indexing, validation, incremental re-indexing and simulation (rcl_dist.data.index, .manifest, .simulate, .files).
 
 Every bad input is made in tmp_path: zero-byte, truncated JPEG / PNG, text named .png, a PNG whose
 header declares 100000x100000 pixels (hand-made IHDR with a valid CRC), 1x1, unsupported kinds, an
@@ -20,7 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
+from rcl_dist.data import files as F
+from rcl_dist.data import index as I
 from rcl_dist.data import manifest as M
+from rcl_dist.data import simulate as S
 from rcl_dist.data.images import load_image
 from rcl_dist.data.spec import MANIFEST_SCHEMA, REJECTS_SCHEMA, derived_seed, fixed_noisy_image, simulated_path
 from rcl_dist.noise import mosaic
@@ -73,7 +76,7 @@ def _quiet(_: str) -> None:
 
 
 def _rejects(out: Path) -> dict[str, str]:
-    t = pq.read_table(M.rejects_path(out))
+    t = pq.read_table(I.rejects_path(out))
     assert t.schema.equals(REJECTS_SCHEMA)
     return dict(zip(t.column("path").to_pylist(), t.column("reason").to_pylist()))
 
@@ -138,14 +141,14 @@ def test_index_rejects_each_bad_file_with_its_reason_and_keeps_the_rest(zoo, tmp
     d, good, bad = zoo
     out = tmp_path / "m.parquet"
     lines: list[str] = []
-    res = M.index_images([str(d)], out, log=lines.append)
+    res = I.index_images([str(d)], out, log=lines.append)
 
     rows, rejects = _rows(out), _rejects(out)
     assert set(rows) == {str(p) for p in good.values()}
     assert set(rejects) == {str(p) for p in bad.values()}
     for key, p in bad.items():  # each key starts with its expected category
-        want = next(c for c in M.REASONS if key.startswith(c))
-        assert M.reason_category(rejects[str(p)]) == want, (key, rejects[str(p)])
+        want = next(c for c in I.REASONS if key.startswith(c))
+        assert I.reason_category(rejects[str(p)]) == want, (key, rejects[str(p)])
     assert "1x1" in rejects[str(bad["too small"])]
     assert "100000x100000" in rejects[str(bad["too large"])]
     assert "multi-page" in rejects[str(bad["unsupported pages"])]
@@ -179,7 +182,7 @@ def test_index_rejects_each_bad_file_with_its_reason_and_keeps_the_rest(zoo, tmp
         r = rows[str(p)]
         assert (r["mode"], r["channels"], r["bit_depth"], r["width"], r["height"]) == expect[key], key
         # the recorded geometry is what the loaders produce
-        assert M._load_clean(str(p), r["mode"], None).shape == (r["channels"], r["height"], r["width"]), key
+        assert S._load_clean(str(p), r["mode"], None).shape == (r["channels"], r["height"], r["width"]), key
         assert r["image_id"] == r["sha256"][:16] and r["size_bytes"] == p.stat().st_size
     # the 16-bit grey PNG keeps its 16-bit values through the reference loader
     g16 = load_image(good["gray16"])
@@ -195,12 +198,12 @@ def test_too_large_from_the_header_without_decoding(tmp_path):
     ok = _save(Image.fromarray(_rgb(10, 10, 2)), d / "ok.png")
     out = tmp_path / "m.parquet"
     old = Image.MAX_IMAGE_PIXELS
-    res = M.index_images([d], out, max_pixels=100, log=_quiet)
+    res = I.index_images([d], out, max_pixels=100, log=_quiet)
     assert Image.MAX_IMAGE_PIXELS == old  # global restored
     rej = _rejects(out)
     assert res.accepted == 1 and set(_rows(out)) == {str(ok)}
-    assert M.reason_category(rej[str(over)]) == "too large" and "12x12" in rej[str(over)]
-    assert M.reason_category(rej[str(bomb)]) == "too large" and "20x20" in rej[str(bomb)]
+    assert I.reason_category(rej[str(over)]) == "too large" and "12x12" in rej[str(over)]
+    assert I.reason_category(rej[str(bomb)]) == "too large" and "20x20" in rej[str(bomb)]
 
 
 def test_unreadable_file_is_rejected(tmp_path, monkeypatch):
@@ -212,16 +215,16 @@ def test_unreadable_file_is_rejected(tmp_path, monkeypatch):
     locked.chmod(0)
     try:
         if os.access(locked, os.R_OK):  # root
-            real = M._read_file
+            real = I._read_file
 
             def read(path: str) -> bytes:
                 if path == str(locked):
                     raise PermissionError(13, "Permission denied", path)
                 return real(path)
 
-            monkeypatch.setattr(M, "_read_file", read)
+            monkeypatch.setattr(I, "_read_file", read)
         out = tmp_path / "m.parquet"
-        res = M.index_images([d], out, log=_quiet)
+        res = I.index_images([d], out, log=_quiet)
     finally:
         locked.chmod(0o644)
     reason = _rejects(out)[str(locked)]
@@ -237,7 +240,7 @@ def test_dangling_link_and_fifo_are_unreadable_not_hangs(tmp_path):
     (d / "folder.png").mkdir()  # a folder with an image suffix is a folder: searched, not a file
     inner = _save(Image.fromarray(_rgb(8, 8, 1)), d / "folder.png" / "inner.png")
     out = tmp_path / "m.parquet"
-    M.index_images([d], out, log=_quiet)
+    I.index_images([d], out, log=_quiet)
     rej = _rejects(out)
     assert set(rej) == {str(d / "gone.png"), str(d / "pipe.png")}
     assert all(r.startswith("unreadable: ") for r in rej.values())
@@ -249,14 +252,14 @@ def test_duplicates_keep_the_first_path_in_sorted_order(tmp_path):
     data = _png(_rgb(6, 6, 0))
     a, b, c = _write(d / "b.png", data), _write(d / "a" / "z.png", data), _write(d / "c.png", _png(_rgb(6, 6, 1)))
     out = tmp_path / "m.parquet"
-    res = M.index_images([d], out, log=_quiet)
+    res = I.index_images([d], out, log=_quiet)
     assert set(_rows(out)) == {str(b), str(c)}  # ".../a/z.png" < ".../b.png"
     assert _rejects(out)[str(a)].startswith(f"duplicate: duplicate of {b}")
     assert res.rejected == {"duplicate": 1} and res.accepted == 2
     # the duplicate goes on being rejected when nothing changed; deleting the kept one promotes it
-    assert M.index_images([d], out, log=_quiet).rejected == {"duplicate": 1}
+    assert I.index_images([d], out, log=_quiet).rejected == {"duplicate": 1}
     b.unlink()
-    res = M.index_images([d], out, log=_quiet)
+    res = I.index_images([d], out, log=_quiet)
     assert set(_rows(out)) == {str(a), str(c)} and res.removed == 1 and not res.rejected
 
 
@@ -266,15 +269,15 @@ def test_duplicates_keep_the_first_path_in_sorted_order(tmp_path):
 def test_index_twice_is_identical_and_decodes_nothing(zoo, tmp_path, monkeypatch):
     d, good, _ = zoo
     out = tmp_path / "m.parquet"
-    first = M.index_images([d], out, log=_quiet)
-    t1, b1, r1 = M.read_manifest(out), out.read_bytes(), M.rejects_path(out).read_bytes()
+    first = I.index_images([d], out, log=_quiet)
+    t1, b1, r1 = M.read_manifest(out), out.read_bytes(), I.rejects_path(out).read_bytes()
 
     decoded: list[str] = []
-    real = M._inspect_file
-    monkeypatch.setattr(M, "_inspect_file", lambda p, *a: decoded.append(p) or real(p, *a))
-    second = M.index_images([d], out, log=_quiet)
+    real = I._inspect_file
+    monkeypatch.setattr(I, "_inspect_file", lambda p, *a: decoded.append(p) or real(p, *a))
+    second = I.index_images([d], out, log=_quiet)
     assert M.read_manifest(out).equals(t1)
-    assert out.read_bytes() == b1 and M.rejects_path(out).read_bytes() == r1  # byte-identical files
+    assert out.read_bytes() == b1 and I.rejects_path(out).read_bytes() == r1  # byte-identical files
     assert second.reused == second.accepted == first.accepted == len(good) and second.validated == 0
     assert not set(decoded) & {str(p) for p in good.values()}  # only the rejected files are looked at again
     assert second.rejected == first.rejected
@@ -286,14 +289,14 @@ def test_same_content_gets_the_same_values_in_any_folder_or_order(tmp_path):
     other = tmp_path / "b" / "nested"
     for p in files[::-1][:10]:
         _write(other / f"renamed_{p.name}", p.read_bytes())
-    M.index_images([tmp_path / "a"], tmp_path / "a.parquet", log=_quiet)
-    M.index_images([tmp_path / "b"], tmp_path / "b.parquet", log=_quiet)
+    I.index_images([tmp_path / "a"], tmp_path / "a.parquet", log=_quiet)
+    I.index_images([tmp_path / "b"], tmp_path / "b.parquet", log=_quiet)
     by_sha = {r["sha256"]: r for r in _rows(tmp_path / "a.parquet").values()}
     cols = ("image_id", "split", "shot", "read", "noise_seed", "width", "height")
     for r in _rows(tmp_path / "b.parquet").values():
         assert {k: r[k] for k in cols} == {k: by_sha[r["sha256"]][k] for k in cols}
     # and a different base seed changes them
-    M.index_images([tmp_path / "b"], tmp_path / "c.parquet", seed=1, log=_quiet)
+    I.index_images([tmp_path / "b"], tmp_path / "c.parquet", seed=1, log=_quiet)
     rb, rc = _rows(tmp_path / "b.parquet"), _rows(tmp_path / "c.parquet")
     assert all(rb[p]["noise_seed"] != rc[p]["noise_seed"] and rb[p]["shot"] != rc[p]["shot"] for p in rb)
     r = next(iter(rb.values()))
@@ -304,7 +307,7 @@ def test_incremental_changes_new_and_vanished_files(tmp_path, monkeypatch):
     d = tmp_path / "d"
     files = _many(d, 6)
     out = tmp_path / "m.parquet"
-    M.index_images([d], out, log=_quiet)
+    I.index_images([d], out, log=_quiet)
     old = M.read_manifest(out)
 
     files[0].unlink()  # vanished
@@ -317,9 +320,9 @@ def test_incremental_changes_new_and_vanished_files(tmp_path, monkeypatch):
     assert missing == [str(files[0])] and present.num_rows == 5
 
     decoded: list[str] = []
-    real = M._inspect_file
-    monkeypatch.setattr(M, "_inspect_file", lambda p, *a: decoded.append(p) or real(p, *a))
-    res = M.index_images([d], out, log=_quiet)
+    real = I._inspect_file
+    monkeypatch.setattr(I, "_inspect_file", lambda p, *a: decoded.append(p) or real(p, *a))
+    res = I.index_images([d], out, log=_quiet)
     assert sorted(decoded) == sorted([str(changed), str(new)])
     assert (res.reused, res.validated, res.removed, res.accepted) == (4, 2, 1, 6)
     rows = _rows(out)
@@ -334,11 +337,11 @@ def test_reused_rows_are_rechecked_against_new_limits(tmp_path):
     big = _save(Image.fromarray(_rgb(30, 30, 0)), d / "big.png")
     small = _save(Image.fromarray(_rgb(4, 4, 1)), d / "small.png")
     out = tmp_path / "m.parquet"
-    M.index_images([d], out, log=_quiet)
-    res = M.index_images([d], out, min_side=8, max_pixels=800, log=_quiet)
+    I.index_images([d], out, log=_quiet)
+    res = I.index_images([d], out, min_side=8, max_pixels=800, log=_quiet)
     rej = _rejects(out)
     assert res.accepted == 0 and rej[str(small)].startswith("too small") and rej[str(big)].startswith("too large")
-    res = M.index_images([d], out, log=_quiet)
+    res = I.index_images([d], out, log=_quiet)
     assert res.accepted == 2
 
 
@@ -346,7 +349,7 @@ def test_interrupted_index_keeps_what_is_done(tmp_path, monkeypatch):
     d = tmp_path / "d"
     files = _many(d, 8)
     out = tmp_path / "m.parquet"
-    real = M._inspect_file
+    real = I._inspect_file
     seen: list[str] = []
 
     def flaky(path: str, *a):
@@ -355,13 +358,13 @@ def test_interrupted_index_keeps_what_is_done(tmp_path, monkeypatch):
         seen.append(path)
         return real(path, *a)
 
-    monkeypatch.setattr(M, "_inspect_file", flaky)
+    monkeypatch.setattr(I, "_inspect_file", flaky)
     with pytest.raises(KeyboardInterrupt):
-        M.index_images([d], out, workers=1, log=_quiet)
+        I.index_images([d], out, workers=1, log=_quiet)
     assert set(_rows(out)) == {str(p) for p in files[:5]}  # a complete, valid manifest of the done part
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(M, "_inspect_file", real)
-    res = M.index_images([d], out, log=_quiet)
+    monkeypatch.setattr(I, "_inspect_file", real)
+    res = I.index_images([d], out, log=_quiet)
     assert (res.reused, res.validated, res.accepted) == (5, 3, 8)
 
 
@@ -369,7 +372,7 @@ def test_periodic_checkpoint_is_a_valid_manifest(tmp_path, monkeypatch):
     d = tmp_path / "d"
     _many(d, 4)
     out = tmp_path / "m.parquet"
-    real = M._inspect_file
+    real = I._inspect_file
     sizes: list[int] = []
 
     def spy(path: str, *a):
@@ -377,8 +380,8 @@ def test_periodic_checkpoint_is_a_valid_manifest(tmp_path, monkeypatch):
             sizes.append(M.read_manifest(out).num_rows)
         return real(path, *a)
 
-    monkeypatch.setattr(M, "_inspect_file", spy)
-    M.index_images([d], out, workers=1, checkpoint_s=0.0, log=_quiet)
+    monkeypatch.setattr(I, "_inspect_file", spy)
+    I.index_images([d], out, workers=1, checkpoint_s=0.0, log=_quiet)
     assert sizes == [1, 2, 3]
 
 
@@ -388,7 +391,7 @@ def test_existing_output_that_is_not_a_manifest_is_not_overwritten(tmp_path):
     pq.write_table(pa.table({"x": [1, 2]}), out)
     before = out.read_bytes()
     with pytest.raises(ValueError, match=r"precious\.parquet.*not a manifest"):
-        M.index_images([tmp_path / "d"], out, log=_quiet)
+        I.index_images([tmp_path / "d"], out, log=_quiet)
     assert out.read_bytes() == before
 
 
@@ -398,7 +401,7 @@ def test_existing_output_that_is_not_a_manifest_is_not_overwritten(tmp_path):
 def test_seeded_split_is_stable_and_near_val_fraction(tmp_path):
     _many(tmp_path / "d", 300)
     out = tmp_path / "m.parquet"
-    res = M.index_images([tmp_path / "d"], out, val_fraction=0.1, test_fraction=0.2, log=_quiet)
+    res = I.index_images([tmp_path / "d"], out, val_fraction=0.1, test_fraction=0.2, log=_quiet)
     n = res.splits
     assert sum(n.values()) == 300
     assert 12 <= n["val"] <= 48 and 35 <= n["test"] <= 85  # ~ 30 +- 5 sd, 60 +- 7 sd
@@ -406,12 +409,12 @@ def test_seeded_split_is_stable_and_near_val_fraction(tmp_path):
     splits = {r["sha256"]: r["split"] for r in _rows(out).values()}
     # a second data set that shares images: the shared images keep their split
     _many(tmp_path / "e", 50, start=280)
-    M.index_images([tmp_path / "e"], tmp_path / "e.parquet", val_fraction=0.1, test_fraction=0.2, log=_quiet)
+    I.index_images([tmp_path / "e"], tmp_path / "e.parquet", val_fraction=0.1, test_fraction=0.2, log=_quiet)
     for r in _rows(tmp_path / "e.parquet").values():
         if r["sha256"] in splits:
             assert r["split"] == splits[r["sha256"]]
     # val_fraction 0 -> all train
-    assert M.index_images([tmp_path / "d"], out, val_fraction=0.0, log=_quiet).splits == {"train": 300, "val": 0, "test": 0}
+    assert I.index_images([tmp_path / "d"], out, val_fraction=0.0, log=_quiet).splits == {"train": 300, "val": 0, "test": 0}
 
 
 def test_folder_split_suffix(tmp_path):
@@ -420,31 +423,31 @@ def test_folder_split_suffix(tmp_path):
     _many(tmp_path / "tr" / "held", 2, start=20)  # a deeper folder's split wins
     out = tmp_path / "m.parquet"
     dirs = [f"{tmp_path / 'tr'}:train", f"{tmp_path / 'va'}:val", (tmp_path / "tr" / "held", "test")]
-    res = M.index_images(dirs, out, log=_quiet)
+    res = I.index_images(dirs, out, log=_quiet)
     assert res.splits == {"train": 5, "val": 3, "test": 2}
     rows = _rows(out)
     assert all(r["split"] == "test" for p, r in rows.items() if "/held/" in p)
 
-    assert M.parse_folder("data:val") == ("data", "val")
-    assert M.parse_folder("C:\\images") == ("C:\\images", None)
-    assert M.parse_folder("odd:name") == ("odd:name", None)
-    assert M.parse_folder("a:b:test") == ("a:b", "test")
+    assert I.parse_folder("data:val") == ("data", "val")
+    assert I.parse_folder("C:\\images") == ("C:\\images", None)
+    assert I.parse_folder("odd:name") == ("odd:name", None)
+    assert I.parse_folder("a:b:test") == ("a:b", "test")
     # a folder whose name really ends in ':train' can be given as a tuple
     odd = tmp_path / "x:train"
     _many(odd, 2, start=30)
-    res = M.index_images([(odd, None)], tmp_path / "o.parquet", val_fraction=0.0, log=_quiet)
+    res = I.index_images([(odd, None)], tmp_path / "o.parquet", val_fraction=0.0, log=_quiet)
     assert res.accepted == 2
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        M.index_images([tmp_path / "nowhere"], out, log=_quiet)
+        I.index_images([tmp_path / "nowhere"], out, log=_quiet)
     with pytest.raises(ValueError, match="different splits"):
-        M.index_images([f"{tmp_path / 'tr'}:train", f"{tmp_path / 'tr'}:val"], out, log=_quiet)
+        I.index_images([f"{tmp_path / 'tr'}:train", f"{tmp_path / 'tr'}:val"], out, log=_quiet)
 
 
 @pytest.mark.parametrize("sampler,options", [("uniform", {}), ("uniform", {"sigma_max": 0.02}), ("brooks", {})])
 def test_parameters_come_from_the_sampler(tmp_path, sampler, options):
     _many(tmp_path / "d", 40)
     out = tmp_path / "m.parquet"
-    M.index_images([tmp_path / "d"], out, sampler=sampler, sampler_options=options, log=_quiet)
+    I.index_images([tmp_path / "d"], out, sampler=sampler, sampler_options=options, log=_quiet)
     t = M.read_manifest(out)
     shot, read = np.array(t.column("shot").to_pylist()), np.array(t.column("read").to_pylist())
     if sampler == "uniform":
@@ -465,9 +468,9 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     _many(tmp_path / "d", 1)
     out = tmp_path / "m.parquet"
     with pytest.raises(ValueError, match="unknown noise sampler"):
-        M.index_images([tmp_path / "d"], out, sampler="gauss", log=_quiet)
+        I.index_images([tmp_path / "d"], out, sampler="gauss", log=_quiet)
     with pytest.raises(ValueError, match="val_fraction"):
-        M.index_images([tmp_path / "d"], out, val_fraction=0.7, test_fraction=0.5, log=_quiet)
+        I.index_images([tmp_path / "d"], out, val_fraction=0.7, test_fraction=0.5, log=_quiet)
     assert not out.exists()
 
 
@@ -477,7 +480,7 @@ def test_bad_settings_fail_before_any_work(tmp_path):
 def test_read_manifest_names_the_file_and_the_problem(tmp_path):
     _many(tmp_path / "d", 3)
     out = tmp_path / "m.parquet"
-    M.index_images([tmp_path / "d"], out, log=_quiet)
+    I.index_images([tmp_path / "d"], out, log=_quiet)
     t = M.read_manifest(out)
     with pytest.raises(FileNotFoundError, match="absent.parquet"):
         M.read_manifest(tmp_path / "absent.parquet")
@@ -508,17 +511,17 @@ def small_set(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
         "cmyk": _save(Image.fromarray(_rgb(6, 8, 2)).convert("CMYK"), d / "cmyk.tif"),
     }
     out = tmp_path / "m.parquet"
-    M.index_images([d], out, val_fraction=0.0, log=_quiet)
+    I.index_images([d], out, val_fraction=0.0, log=_quiet)
     return out, files
 
 
 def test_simulate_matches_fixed_noisy_image_and_is_idempotent(small_set, tmp_path):
     out, files = small_set
     sim = tmp_path / "sim"
-    assert M.simulate(out, sim, pairs=True, log=_quiet) == 6
+    assert S.simulate(out, sim, pairs=True, log=_quiet) == 6
     rows = {Path(r["path"]).stem: r for r in _rows(out).values()}
     for key, r in rows.items():
-        clean = M._load_clean(r["path"], r["mode"], None)
+        clean = S._load_clean(r["path"], r["mode"], None)
         for i in (0, 1):
             got = np.load(simulated_path(sim, r["image_id"], False, i), allow_pickle=False)
             assert got.dtype == np.float32 and got.shape == (r["height"], r["width"], r["channels"])
@@ -529,24 +532,24 @@ def test_simulate_matches_fixed_noisy_image_and_is_idempotent(small_set, tmp_pat
         )
     gray = np.load(simulated_path(sim, rows["gray"]["image_id"]))
     assert gray.shape == (8, 6, 1)
-    np.testing.assert_array_equal(load_image(files["gray"])[0], M._load_clean(str(files["gray"]), "L", None)[0])
+    np.testing.assert_array_equal(load_image(files["gray"])[0], S._load_clean(str(files["gray"]), "L", None)[0])
 
     before = {p: p.read_bytes() for p in sim.iterdir()}
-    assert M.simulate(out, sim, pairs=True, log=_quiet) == 0  # all present: nothing rewritten
+    assert S.simulate(out, sim, pairs=True, log=_quiet) == 0  # all present: nothing rewritten
     # a torn / wrong-shape file is rewritten, reproducibly
     victim = simulated_path(sim, rows["rgb"]["image_id"])
     np.save(victim, np.zeros((2, 2, 3), np.float32))
-    assert M.simulate(out, sim, pairs=True, log=_quiet) == 1
+    assert S.simulate(out, sim, pairs=True, log=_quiet) == 1
     assert {p: p.read_bytes() for p in sim.iterdir()} == before
     # gray=False: grey images become RGB before the noise (shape mismatch: rewritten)
-    assert M.simulate(out, sim, gray=False, log=_quiet) == 1
+    assert S.simulate(out, sim, gray=False, log=_quiet) == 1
     assert np.load(simulated_path(sim, rows["gray"]["image_id"])).shape == (8, 6, 3)
 
 
 def test_simulate_raw_is_an_even_rggb_mosaic_with_noise(small_set, tmp_path):
     out, _ = small_set
     sim = tmp_path / "sim"
-    assert M.simulate(out, sim, raw=True, log=_quiet) == 3
+    assert S.simulate(out, sim, raw=True, log=_quiet) == 3
     r = next(r for r in _rows(out).values() if r["path"].endswith("rgb.png"))
     got = np.load(simulated_path(sim, r["image_id"], raw=True), allow_pickle=False)
     assert got.shape == (8, 10, 1)  # 9x11 cropped to even sides
@@ -555,7 +558,7 @@ def test_simulate_raw_is_an_even_rggb_mosaic_with_noise(small_set, tmp_path):
     want = fixed_noisy_image(raw_clean, r["shot"], r["read"], r["noise_seed"]).transpose(1, 2, 0)
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="raw"):
-        M.simulate(out, sim, raw=True, gray=True, log=_quiet)
+        S.simulate(out, sim, raw=True, gray=True, log=_quiet)
 
 
 def test_simulate_skips_vanished_and_changed_files_with_a_warning(small_set, tmp_path):
@@ -563,7 +566,7 @@ def test_simulate_skips_vanished_and_changed_files_with_a_warning(small_set, tmp
     files["gray"].unlink()
     files["rgb"].write_bytes(_png(_rgb(9, 11, 50)))
     lines: list[str] = []
-    assert M.simulate(out, tmp_path / "sim", log=lines.append) == 1
+    assert S.simulate(out, tmp_path / "sim", log=lines.append) == 1
     assert any(str(files["gray"]) in s and "gone" in s for s in lines)
     assert any(str(files["rgb"]) in s and "changed" in s for s in lines)
     assert "1 images gone, 1 changed" in lines[-1]
@@ -572,4 +575,4 @@ def test_simulate_skips_vanished_and_changed_files_with_a_warning(small_set, tmp
 def test_ordered_map_keeps_order_and_every_item():
     items = list(range(57))
     for workers in (1, 2, 5):
-        assert list(M._ordered_map(lambda x: x * x, items, workers)) == [x * x for x in items]
+        assert list(F.ordered_map(lambda x: x * x, items, workers)) == [x * x for x in items]

@@ -226,7 +226,7 @@ def test_proxy_of_a_trained_oracle_matches_its_own_head(global_residual):
     labelled set restores that set no more than 0.1 dB worse than the network's own head."""
     from rcl_dist.config import load_config
     from rcl_dist.data.images import bundled_images
-    from rcl_dist.data.reference import PairSampler
+    from rcl_dist.data.sampler import PairSampler
     from rcl_dist.train.local import train_local
 
     cfg = load_config(None, [

@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from rcl_dist.config import ConfigError, load_config
-from rcl_dist.data.manifest import index_images, manifest_noise, read_manifest, rejects_path
-from rcl_dist.data.reference import ManifestPairs, PairSampler
+from rcl_dist.data.index import index_images, rejects_path
+from rcl_dist.data.manifest import manifest_noise, read_manifest
+from rcl_dist.data.reference import ManifestPairs
+from rcl_dist.data.sampler import PairSampler
 from rcl_dist.data.spec import PairSpec, crop_geometry
 
 

@@ -24,16 +24,11 @@ from rcl_dist.data.codec import decode_image_bytes, encode_png, read_image
 from rcl_dist.denoise import denoise_paths
 from rcl_dist.evaluate import evaluate_folder, summarise
 from rcl_dist.models.io import load_checkpoint
-from rcl_dist.registry import (
-    DEFAULT_ALIAS,
-    load_denoiser,
-    main_promote,
-    promote,
-    register,
-)
+from rcl_dist.registry import DEFAULT_ALIAS, main_promote, promote, register
+from rcl_dist.serving import load_denoiser
 from rcl_dist.tracking import RunTracker
-from rcl_dist.train.finetune import FinetuneSpec
-from rcl_dist.train.launch import RUN_STATE
+from rcl_dist.train.finetune_spec import FinetuneSpec
+from rcl_dist.paths import RUN_STATE
 
 from test_denoise import expected, fine_tuned_checkpoint, smooth
 from servers import free_port, mlflow_command, stop_group, wait_until_answers
@@ -195,7 +190,7 @@ def test_default_sqlite_store_register_promote_denoise(world, tmp_path, monkeypa
     import mlflow
 
     from rcl_dist.registry import main_register
-    from rcl_dist.tracking import default_tracking_uri
+    from rcl_dist.paths import default_tracking_uri
 
     monkeypatch.setenv("RCL_DIST_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

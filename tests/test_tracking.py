@@ -1,4 +1,4 @@
-"""MLflow tracking (rcl_dist.tracking) against a local SQLite store and a real `mlflow server`.
+"""MLflow tracking (rcl_dist.tracking, .params, .paths, .figures) against a local SQLite store and a real `mlflow server`.
 
 The server is started once per module (module-scoped fixture) on 127.0.0.1 and a free port, with
 its own SQLite database and artifact folder under pytest's tmp dir, and is always terminated (its
@@ -19,17 +19,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from rcl_dist import tracking
-from rcl_dist.tracking import (
-    FIG2_ARTIFACT,
-    NONFINITE_METRIC,
-    RunTracker,
-    default_artifacts_dir,
-    default_tracking_uri,
-    ensure_experiment,
-    flatten_params,
-    pos_neg_from_distance_matrix,
-)
+from rcl_dist import figures, params
+from rcl_dist.figures import pos_neg_from_distance_matrix
+from rcl_dist.params import flatten_params
+from rcl_dist.paths import default_artifacts_dir, default_tracking_uri
+from rcl_dist.tracking import FIG2_ARTIFACT, NONFINITE_METRIC, RunTracker, ensure_experiment
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
@@ -91,9 +85,9 @@ def test_flatten_params_nested_lists_none_and_limits():
     flat = flatten_params({"a": {"b": 1, "c": {"d": [1, 2]}, "e": None, "f": {}}, "g": True, "h": "x" * 7000})
     assert flat["a.b"] == "1" and flat["a.c.d"] == "[1, 2]" and flat["a.e"] == "None" and flat["a.f"] == "{}"
     assert flat["g"] == "True"
-    assert len(flat["h"]) == tracking.MAX_PARAM_VAL_LENGTH and flat["h"].endswith("config.yaml]")
+    assert len(flat["h"]) == params.MAX_PARAM_VAL_LENGTH and flat["h"].endswith("config.yaml]")
     odd = flatten_params({"bad|key": 1, "k" * 300: 2})
-    assert "bad_key" in odd and all(len(k) <= tracking.MAX_KEY_LENGTH for k in odd)
+    assert "bad_key" in odd and all(len(k) <= params.MAX_KEY_LENGTH for k in odd)
     # dataclass configs (rcl_dist.config.Config) flatten the same way
     from rcl_dist.config import Config
 
@@ -108,9 +102,9 @@ def test_pos_neg_split_and_gap_shapes():
     np.testing.assert_allclose(neg, [[0.5, 0.7], [0.6, 0.9]])
     pos2, _ = pos_neg_from_distance_matrix(dist, positive_index=torch.tensor([2, 0]))
     np.testing.assert_allclose(pos2, [0.7, 0.6])
-    np.testing.assert_allclose(tracking._gaps(pos, neg, "x"), [0.4, 0.6, 0.4, 0.7], atol=1e-6)
+    np.testing.assert_allclose(figures._gaps(pos, neg, "x"), [0.4, 0.6, 0.4, 0.7], atol=1e-6)
     with pytest.raises(ValueError, match="same B"):
-        tracking._gaps(np.zeros(3), np.zeros((2, 2)), "x")
+        figures._gaps(np.zeros(3), np.zeros((2, 2)), "x")
 
 
 def test_default_store_honours_rcl_dist_home(tmp_path, monkeypatch):

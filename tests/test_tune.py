@@ -1,4 +1,4 @@
-"""Sweeps (rcl_dist/tune.py, rcl_dist/train/validate.py): space files are checked before anything runs;
+"""Sweeps (rcl_dist/tune.py, rcl_dist/tune_space.py, rcl_dist/train/validate.py): space files are checked before anything runs;
 a 4-trial ASHA sweep runs end to end on a local Ray with a real MLflow server, records one nested run
 per trial (a failing trial with its error), writes a best config that pre-trains, and resumes."""
 
@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from rcl_dist.config import ConfigError, load_config
-from rcl_dist.tune import best_config_dict, load_space, trial_config
+from rcl_dist.tune import best_config_dict, trial_config
+from rcl_dist.tune_space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def _tiny_data(root: Path) -> Path:
     """10 train and 2 val images of 48x48 (crops of a bundled photograph) and their manifest."""
     from skimage import data, io
 
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
 
     (root / "train").mkdir(parents=True, exist_ok=True)
     (root / "val").mkdir(exist_ok=True)
@@ -170,7 +171,7 @@ def test_proxy_validator_is_deterministic_and_leaves_the_model_alone(tmp_path):
 
 
 def test_validation_needs_a_val_split(tmp_path):
-    from rcl_dist.data.manifest import index_images
+    from rcl_dist.data.index import index_images
     from rcl_dist.train.validate import validation_images
 
     manifest = _tiny_data(tmp_path / "data")

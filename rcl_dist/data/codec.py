@@ -194,8 +194,8 @@ def _single_frame(im) -> None:
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Read one image file as uint8/uint16 [H, W, C] keeping its bit depth (see :func:`decode_image_bytes`).
 
-    Regular files only, size checked before reading, pixel budget checked from the header (see the
-    module docstring, "Hostile files"). Raises ``ValueError`` naming the file when it cannot be read,
+    Regular files only, size checked before reading, pixel budget checked from the header (see
+    ``docs/denoise.md``, "Hostile files"). Raises ``ValueError`` naming the file when it cannot be read,
     is refused, or cannot be decoded."""
     budget = pixel_budget(max_pixels)
     try:

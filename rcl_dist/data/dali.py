@@ -1,57 +1,14 @@
 """NVIDIA DALI input pipelines: manifest rows -> training batches for every task of :mod:`rcl_dist.data.spec`.
 
-One pipeline definition serves both devices: ``device_id=None`` builds a CPU-only graph (decoding and
-arithmetic on the CPU); an integer ``device_id`` (the *local* GPU index, under Ray
-``ray.train.torch.get_device().index``) decodes with the ``"mixed"`` backend and does the crops, the
-noise and the resizing on that GPU. Random *positions* are drawn on the CPU in both cases: DALI takes
-slice anchors as CPU argument inputs.
-
-What the pipelines produce is :class:`~rcl_dist.data.spec.PairSpec`'s contract; the decisions made here:
-
-* **Decoding.** ``fn.decoders.image(..., dtype=FLOAT)`` scales by the file's own maximum: 8-bit files
-  by 255 and 16-bit PNGs by 65535, with all 16 bits kept (checked in ``tests/test_dali.py``), so both
-  reach [0, 1] without knowing the bit depth. ``output_type=RGB`` turns grey, palette and RGBA files
-  into RGB (alpha dropped). For ``spec.gray``: when every selected row is a 1-channel file, DALI's GRAY
-  output (exact); otherwise RGB followed by the luminance weights of :mod:`rcl_dist.data.images`
-  (0.2125, 0.7154, 0.0721), so that training and evaluation see the same grey. DALI's own GRAY output of
-  an RGB file would use BT.601 weights instead.
-* **Integer crops.** Every crop is ``fn.slice`` with an absolute int32 anchor ``floor(u * n)`` (u
-  uniform, n the number of valid positions; for RAW the position index is doubled, so every anchor is
-  even and each crop starts on an R pixel of the image's RGGB lattice).
-* **Noise (Eq. 8)** ``x + sqrt(max(shot*x + read, 0)) * N(0, 1)``, the image's own (shot, read) looked
-  up from the reader's label (= row index) with ``fn.lookup_table``; its keys must lie in [0, 65535],
-  so bigger manifests are covered by several tables whose results are summed (a key outside a table
-  gives its default 0). ``fresh`` noise comes from ``fn.random.normal`` with the pipeline seed
-  ``spec.seed + spec.shard_id``.
-* **Fixed realisations** are read, not drawn: ``fn.readers.numpy`` over the files of
-  :func:`~rcl_dist.data.spec.simulated_path`, built with the same file list, seed and sharding as the
-  image reader. DALI readers shuffle the list once with a built-in seed and then draw from a buffer with
-  their own seed, so two such readers yield the same rows in the same order (checked by the tests:
-  noisy - clean is exactly the stored noise). Crops of the clean and the noisy image share one anchor,
-  taken within the smaller of the two shapes.
-* **Sharding and epochs.** ``fn.readers.file(..., shard_id, num_shards, random_shuffle=True,
-  pad_last_batch=True, name="Reader")`` and ``DALIGenericIterator(..., reader_name="Reader",
-  last_batch_policy=DROP)``. DALI splits N files into shards of floor/ceil(N/k) samples, and with
-  ``pad_last_batch`` it makes the number of *reader* batches equal across shards, which can append a
-  whole batch of one repeated sample to the smaller shard, while the iterator's DROP length is computed
-  from floor(N/k): when the two disagree, the iterator's epochs drift from the reader's and a batch of
-  duplicates comes out (seen with N=7, k=2, B=3). The file list is therefore padded here to a multiple of
-  k with up to k - 1 repeated rows (chosen with ``spec.seed``, identical on every rank): every shard then
-  holds exactly ceil(N/k) samples, every rank yields ``ceil(N/k) // batch_size`` batches per epoch, and
-  the last partial batch of each shard is dropped (different samples each epoch, since the shuffle
-  changes). Within an epoch the shards are disjoint apart from those padding repeats; shards rotate
-  between epochs (``stick_to_shard`` False), so every rank sees the whole split over k epochs.
-* **Missing files.** Files are checked when the pipeline is built: a vanished image is left out with a
-  warning naming it and counted in :attr:`DALILoader.skipped`; a missing fixed realisation is an error
-  that says to run ``rcl-dist data simulate``. A file that vanishes *during* an epoch makes DALI's reader
-  fail when it reaches that file (DALI cannot skip a sample, and the pipeline is invalid afterwards):
-  :class:`DALILoader` raises a RuntimeError naming the file, and raises again on any later use, rather
-  than yielding empty epochs; a training loop survives only by building a new loader, which then skips
-  the file. (A file DALI has already read ahead into its shuffle buffer, or still holds mapped, can go
-  on being served from memory: small data sets were seen to survive deletions.) Every rank checks the
-  files on its own: ranks built on either side of a file's vanishing would hold different lists, so a
-  caller that needs equal batch counts across ranks should compare ``len(loader)`` across ranks (e.g. an
-  all-reduce of the minimum).
+One pipeline definition serves both devices: ``device_id=None`` builds a CPU-only graph; an integer
+``device_id`` (the *local* GPU index) decodes with the ``"mixed"`` backend and does the crops, the
+Eq. 8 noise and the resizing on that GPU. What the pipelines produce is
+:class:`~rcl_dist.data.spec.PairSpec`'s contract, the same pairs as :mod:`rcl_dist.data.reference`.
+Decoding keeps 16-bit files' full depth; crops are integer slices (even for RAW, so each starts on an
+R pixel); fixed realisations are read in step with the images; the file list is padded so every rank
+yields the same number of batches per epoch; a vanished file is left out when the loader is built,
+and one that vanishes mid-epoch fails the loader loudly instead of yielding empty epochs. The
+reasons behind each of these: ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -60,7 +17,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -165,7 +122,7 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
             f"{n} usable images of split {spec.split!r} give {per_shard} per shard ({k} shard(s)), fewer than "
             f"the batch size {spec.batch_size}: no full batch per epoch"
         )
-    # pad to a multiple of num_shards (module docstring: keeps DALI's reader and iterator epochs in step)
+    # pad to a multiple of num_shards (docs/data.md: keeps DALI's reader and iterator epochs in step)
     pad = per_shard * k - n
     extra = np.random.default_rng(spec.seed).choice(n, size=pad, replace=pad > n).tolist() if pad else []
     gray_decode = bool(spec.gray) and "channels" in table.column_names and all(
@@ -433,7 +390,7 @@ def _build(plan: _Plan, spec: PairSpec, device_id: int | None, num_threads: int,
     return pipe
 
 
-def build_pipeline(
+def _planned_pipeline(
     manifest: pa.Table | str | os.PathLike,
     spec: PairSpec,
     *,
@@ -442,44 +399,42 @@ def build_pipeline(
     simulated_dir: str | os.PathLike | None = None,
     prefetch: int = 2,
     return_index: bool = False,
-):
+) -> tuple[_Plan, Any, list[str]]:
+    """(the plan, the built pipeline, its output names): the options of :func:`build_pipeline` and
+    :class:`DALILoader`, in one place."""
+    plan = _plan(manifest, spec, simulated_dir)
+    return plan, _build(plan, spec, device_id, num_threads, prefetch, return_index), _output_names(spec, return_index)
+
+
+def build_pipeline(manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any):
     """The built DALI pipeline of ``spec`` over the manifest (a pyarrow Table or a parquet path).
 
     Outputs, in order: ``spec.keys`` as float32 CHW samples, then (``return_index``) the int32 row
-    index of each sample into the usable rows (:attr:`DALILoader.rows`). ``device_id``: None for a
-    CPU-only pipeline, else the local GPU index. ``simulated_dir``: the folder of fixed realisations
-    (needed for ``realisation="fixed"``). Its reader is named ``"Reader"``.
+    index of each sample into the usable rows (:attr:`DALILoader.rows`). Keyword options:
+    ``device_id`` (None, the default: a CPU-only pipeline; else the local GPU index), ``num_threads``
+    (2), ``simulated_dir`` (the folder of fixed realisations, needed for ``realisation="fixed"``),
+    ``prefetch`` (2, DALI's prefetch queue depth) and ``return_index`` (False). Its reader is named
+    ``"Reader"``.
     """
-    plan = _plan(manifest, spec, simulated_dir)
-    return _build(plan, spec, device_id, num_threads, prefetch, return_index)
+    return _planned_pipeline(manifest, spec, **options)[1]
 
 
 class DALILoader:
     """Iterable of batches ``{key: float32 tensor [B, C, H, W]}`` (keys ``spec.keys``; with
     ``return_index`` also ``"index"``: int64 [B] rows of :attr:`rows`), one epoch per ``for`` loop.
 
-    ``len()`` is the number of batches per epoch, the same on every rank (module docstring). Tensors are
+    ``len()`` is the number of batches per epoch, the same on every rank (``docs/data.md``). Tensors are
     on the CPU for ``device_id=None``, else on that GPU. Breaking out of an epoch early leaves the rest of
     it for the next loop: DALI's iterator cannot restart an epoch halfway.
     """
 
-    def __init__(
-        self,
-        manifest: pa.Table | str | os.PathLike,
-        spec: PairSpec,
-        *,
-        device_id: int | None = None,
-        num_threads: int = 2,
-        simulated_dir: str | os.PathLike | None = None,
-        prefetch: int = 2,
-        return_index: bool = False,
-    ) -> None:
+    def __init__(self, manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any) -> None:
+        """``options``: those of :func:`build_pipeline` (``device_id``, ``num_threads``, ``simulated_dir``,
+        ``prefetch``, ``return_index``)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.spec = spec
-        self._plan = _plan(manifest, spec, simulated_dir)
-        self.pipeline = _build(self._plan, spec, device_id, num_threads, prefetch, return_index)
-        self._names = _output_names(spec, return_index)
+        self._plan, self.pipeline, self._names = _planned_pipeline(manifest, spec, **options)
         self._failed: str | None = None
         self._iter = DALIGenericIterator(
             [self.pipeline],

@@ -1,20 +1,12 @@
 """Image sources: files in folders, the project's shared image sets, and images bundled with scikit-image.
 
-Everything returns float32 arrays [C, H, W] in [0, 1] (RGB C=3 or grey C=1).
-
-Also the checks every image reader shares (:func:`read_regular_file`, :func:`pixel_budget`,
-:func:`check_pixels`, :func:`show_path`):
-
-* **Regular files only.** A FIFO named ``.png`` would block ``open()`` forever and a link to
-  ``/dev/zero`` would be read without end, so a file is opened non-blocking and its *open descriptor*
-  is checked with ``fstat`` (no window between the check and the read), and its size is checked
-  before a byte is read.
-* **The pixel budget**: at most :func:`pixel_budget` pixels per image (default
-  :data:`DEFAULT_PIXEL_BUDGET`, 2**26 = 67 M; ``$RCL_DIST_MAX_PIXELS`` or ``--max-pixels``), checked
-  from the file's header before anything is decoded. Restoring one image costs about 70 bytes a pixel
-  (decoded copy, float copies, the tiled output), so the default caps one request near 5 GB; lower it
-  for a server. Files larger than an uncompressed image of the budget (:func:`file_byte_limit`) are
-  refused unread.
+Everything returns float32 arrays [C, H, W] in [0, 1] (RGB C=3 or grey C=1). Also the checks every
+image reader shares (:func:`read_regular_file`, :func:`pixel_budget`, :func:`check_pixels`,
+:func:`show_path`): regular files only, checked on the open descriptor (a FIFO named ``.png`` would
+block ``open()`` forever, a link to ``/dev/zero`` would be read without end), and at most
+:func:`pixel_budget` pixels per image (default :data:`DEFAULT_PIXEL_BUDGET`, 2**26;
+``$RCL_DIST_MAX_PIXELS`` or ``--max-pixels``), checked from the header before anything is decoded:
+restoring costs about 70 bytes a pixel. Details: ``docs/data.md``.
 """
 
 from __future__ import annotations

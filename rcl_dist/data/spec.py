@@ -1,31 +1,14 @@
-"""What every input pipeline produces: one definition shared by the DALI pipelines (``dali.py``),
-the plain PyTorch reference (``reference.py``) and the manifest (``manifest.py``).
+"""What every input pipeline produces: one definition shared by the DALI pipelines (``dali.py``), the
+plain PyTorch reference (``reference.py``) and the manifest (``manifest.py``, ``index.py``).
 
-Manifest (``rcl-dist data index``): one row per usable image, columns :data:`MANIFEST_SCHEMA`.
-Each image carries its own NLF parameters (shot, read), drawn once at indexing (the paper's
-one-to-one mapping between images and noise parameters, Sec. 4) and a ``noise_seed``; both are a
-pure function of (base seed, content hash), so re-indexing the same files gives the same manifest.
-
-Geometry of pre-training pairs (Sec. 3.4, Algorithm 1 lines 1-2): two crops of size c of one image
-whose top-left corners differ by at most ``s = round((1 - overlap) * c)`` pixels per axis, so they
-share at least ``overlap`` of their side along each axis. They are cut from a random *parent* crop of
-size c + s, to which noise is added once: both crops see the same noisy realisation. For RAW
-(``raw`` set), the parent is mosaicked (RGGB) before the noise, and every crop position is even so
-that each crop starts on an R pixel.
-
-Realisations: ``fresh`` draws new noise every time a sample is produced; ``fixed`` gives the same
-noisy image for an image every epoch (a real unlabelled data set has exactly one): the noisy image is
-:func:`fixed_noisy_image` of the clean image and its ``noise_seed``, materialised once on disk by
-``rcl-dist data simulate`` (DALI's random operators take one seed per operator, not per sample).
-
-Noise: ``simulated`` adds Eq. 8 noise to images taken as clean; ``none`` adds nothing: the files are
-real noisy photographs (a user's unlabelled set), both crops of a pre-training pair are cut from the one
-file, and the tasks that need a clean image to corrupt (``n2n``'s second realisation, ``jdd``,
-``jdensr``) or a stored realisation (``fixed``) are errors.
-
-Images smaller than the parent crop (or, for fine-tuning tasks, than the crop) are left out of the
-pipeline when it is built, with a warning that counts them; if none is left, building fails with an
-error naming the crop size and the largest image.
+Each manifest image carries its own NLF parameters (shot, read) and ``noise_seed``, a pure function
+of (base seed, content hash): the paper's one-to-one mapping between images and noise parameters
+(Sec. 4). Pre-training pairs (Sec. 3.4, Algorithm 1 lines 1-2) are two crops of size c whose corners
+differ by at most ``s = round((1 - overlap) * c)`` pixels per axis, cut from one parent crop of size
+c + s to which Eq. 8 noise is added once (mosaicked first for RAW, every position even).
+Realisations are ``fresh`` (new noise every time) or ``fixed`` (one stored noisy image per image);
+``noise="none"`` takes the files as real noisy photographs. Images smaller than the crop are left
+out with a warning. Details: ``docs/data.md``.
 """
 
 from __future__ import annotations

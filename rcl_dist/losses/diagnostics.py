@@ -1,23 +1,14 @@
 """Diagnostics of the RCL objective: does the contrastive term (Eq. 3) do any work?
 
-Three kinds of figure, each cheap enough to record every few hundred steps:
-
-* **Logits** (:func:`logit_stats`): with logits -d/tau (Eq. 3), the gap between a query's positive
-  logit and the mean of its negative logits, ``(mean_neg d - d_pos) / tau``, says whether the loss can
-  tell the pairs apart at all; ``contrast_uniform`` is the loss of a uniform guess over the K
-  candidates, ``log K`` per anchor (times the number of anchors for the paper's ``reduction="sum"``),
-  the value Eq. 3 takes when every distance is the same.
-* **Gradients** (:func:`gradient_norms`): the norms of ``alpha * grad L_contrast`` and of
-  ``grad L_consistency`` (Eq. 5) on the body's parameters, and their ratio. Eq. 6 adds the two
-  gradients: when the ratio is ~1e-4 the contrastive term moves no weights.
-* **Against the true noise** (:func:`residual_noise_distance`), where it is known (simulated noise):
-  the distance between the predicted residual n_hat = x - f(x) (Eq. 2) and the noise n that was added,
-  as a value-distribution distance (the Eq. 3 distance, e.g. EMD, Eq. 4) and as a root-mean-square
-  difference. The paper's Fig. 2 caption says RCL contracts the first.
-
-And one rule that acts on them (:func:`adapt_alpha`, ``loss.alpha_ratio``): alpha of Eq. 6 is set so
-that the contrastive term's gradient is a stated fraction of the consistency term's, instead of a
-constant whose meaning depends on the distance, the temperature, the encoder stage and the reductions.
+Three kinds of figure, each cheap enough to record every few hundred steps: **logits**
+(:func:`logit_stats`: the gap between a query's positive logit and its negatives', against the
+uniform-guess loss ``log K``); **gradients** (:func:`gradient_norms`: ``alpha * grad L_contrast``
+against ``grad L_consistency`` of Eq. 5 on the body, whose sum is Eq. 6's gradient); and, where the
+noise is simulated, **the residual against the true noise** (:func:`residual_noise_distance`: the
+Eq. 3 distance and the RMS difference between n_hat = x - f(x) of Eq. 2 and the added noise, which
+the paper's Fig. 2 caption says RCL contracts). :func:`adapt_alpha` (``loss.alpha_ratio``) sets
+alpha of Eq. 6 so that the contrastive gradient is a stated fraction of the consistency gradient.
+Details: ``docs/losses.md``.
 """
 
 from __future__ import annotations

@@ -5,23 +5,12 @@ residual is first reduced to a small **sketch** of its value distribution, and a
 on sketches::
 
     d = get_distance("emd")            # or "bd", "mmd"
-    s_q = d.sketch(res_q)              # [B, C, H, W] -> [B, C', K]
-    s_k = d.sketch(res_k)
-    dist = d.pairwise(s_q, s_k)        # [B_q, B_k], non-negative
+    dist = d.pairwise(d.sketch(res_q), d.sketch(res_k))   # [B_q, B_k], non-negative
 
-A sketch is a few hundred numbers per crop, which makes pairwise cost O(B_q * B_k * K) and lets the
-training loop gather negatives from other workers at a cost of K numbers per crop. Sketches are
-computed in float32 (also under autocast) and gradients flow through them: sorting is differentiable
-almost everywhere (the gradient goes to the pixel that holds each order statistic).
-
-Channels
---------
-``channels="separate"`` (default) sketches every channel on its own and averages the per-channel
-distances; ``channels="pooled"`` treats all values of the residual as one sample. Separate is the
-default because the noise of Eq. 8 is heteroscedastic per channel: its variance follows each
-channel's own intensities (and, for packed RAW, each CFA plane's), so the pooled sample is a mixture
-that can match another image's mixture with different per-channel statistics. Comparing channel by
-channel keeps that information and costs the same. Both are tested.
+A sketch is a few hundred numbers per crop: pairwise cost O(B_q * B_k * K), and negatives gathered
+from other workers cost K numbers per crop. Sketches are float32 and differentiable. Channels are
+sketched separately by default (Eq. 8 noise is heteroscedastic per channel); why, and ``pooled``:
+``docs/losses.md``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import nn
 
 from rcl_dist.noise import mosaic, pack_bayer
 
-from .heads import make_head
+from .heads import HEAD_KINDS, make_head
 
 __all__ = ["Restorer", "RAW_MODES"]
 
@@ -31,6 +31,17 @@ def check_positive(name: str, value: int, minimum: int = 1) -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= ``minimum``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_backbone(in_channels: int, out_channels: int, head: str, sizes: dict[str, tuple[int, int]]) -> None:
+    """The argument checks every backbone's constructor shares: channel counts >= 1, each of ``sizes``
+    (name -> (value, minimum), checked in that order) and a known head kind."""
+    check_positive("in_channels", in_channels)
+    check_positive("out_channels", out_channels)
+    for name, (value, minimum) in sizes.items():
+        check_positive(name, value, minimum)
+    if head not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {head!r}; allowed kinds: {', '.join(HEAD_KINDS)}")
 
 
 def check_raw(raw: str | None, in_channels: int, out_channels: int) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Restorer, check_positive
-from .heads import HEAD_KINDS
+from .base import Restorer, check_backbone
 
 __all__ = ["DnCNN"]
 
@@ -36,21 +35,9 @@ class DnCNN(Restorer):
             With a head that changes the size, f(x) is taken to be an image (see ``restore``).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        depth: int = 17,
-        width: int = 64,
-        head: str = "rgb",
-    ) -> None:
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, depth: int = 17, width: int = 64, head: str = "rgb") -> None:
         super().__init__()
-        check_positive("in_channels", in_channels)
-        check_positive("out_channels", out_channels)
-        check_positive("depth", depth, minimum=2)
-        check_positive("width", width)
-        if head not in HEAD_KINDS:
-            raise ValueError(f"unknown head kind {head!r}; allowed kinds: {', '.join(HEAD_KINDS)}")
+        check_backbone(in_channels, out_channels, head, {"depth": (depth, 2), "width": (width, 1)})
         self.raw = None
         self.predicts_noise = True
         self.depth = depth

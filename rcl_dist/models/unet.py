@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Restorer, check_positive, check_raw
-from .heads import HEAD_KINDS
+from .base import Restorer, check_backbone, check_raw
 
 __all__ = ["UNet", "UNetBody"]
 
@@ -116,12 +115,7 @@ class UNet(Restorer):
         global_residual: bool = False,
     ) -> None:
         super().__init__()
-        check_positive("in_channels", in_channels)
-        check_positive("out_channels", out_channels)
-        check_positive("width", width)
-        check_positive("depth", depth)
-        if head not in HEAD_KINDS:
-            raise ValueError(f"unknown head kind {head!r}; allowed kinds: {', '.join(HEAD_KINDS)}")
+        check_backbone(in_channels, out_channels, head, {"width": (width, 1), "depth": (depth, 1)})
         if up_mode not in UP_MODES:
             raise ValueError(f"up_mode must be one of {UP_MODES}, got {up_mode!r}")
         check_raw(raw, in_channels, out_channels)

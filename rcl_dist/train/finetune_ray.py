@@ -17,17 +17,9 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from rcl_dist.config import ConfigError
-from rcl_dist.train.finetune import (
-    FinetuneResult,
-    FinetuneSpec,
-    build_label_set,
-    checkpoint_extra,
-    fit_proxy,
-    label_pair_spec,
-    make_optimizer,
-    prepare_finetune_model,
-    train_on_labels,
-)
+from rcl_dist.train.finetune import checkpoint_extra, fit_proxy, make_optimizer, prepare_finetune_model, train_on_labels
+from rcl_dist.train.finetune_spec import FinetuneResult, FinetuneSpec
+from rcl_dist.train.labels import build_label_set, label_pair_spec
 from rcl_dist.train.probe import ProbeTrace
 
 __all__ = ["train_func_per_worker", "run_finetune"]
@@ -120,17 +112,19 @@ def run_finetune(
     from rcl_dist.train.trainer import make_torch_trainer
 
     from rcl_dist.models.io import CHECKPOINT_FILE
-    from rcl_dist.train.launch import check_gpus, ensure_ray, rcl_home
+    from rcl_dist.paths import ray_results
+    from rcl_dist.train.launch import check_gpus, ensure_ray
 
     info = _check_before_start(spec)
-    storage = Path(spec.storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    storage = ray_results(spec.storage_path)
     name = spec.run_name or time.strftime("finetune-%Y%m%d-%H%M%S")
     if (storage / name).exists():
         raise ConfigError(f"run_name {name!r} already exists under {storage}: choose another name")
 
     tracker, run_id, uri = None, None, None
     if spec.tracking:
-        from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+        from rcl_dist.paths import resolve_tracking_uri
+        from rcl_dist.tracking import RunTracker
 
         uri = resolve_tracking_uri(spec.tracking_uri)
         tags = {

@@ -18,13 +18,13 @@ from typing import Any, Callable
 import numpy as np
 
 from rcl_dist.config import Config, ConfigError
+from rcl_dist.paths import RUN_STATE, ray_results, read_run_state, rcl_home
 
 __all__ = [
     "run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus",
-    "check_crop_fits", "rcl_home", "ensure_manifest", "PretrainResult",
+    "check_crop_fits", "ensure_manifest", "PretrainResult",
 ]  # fmt: skip
 
-RUN_STATE = "rcl_dist_run.json"  # beside Ray's run folder: the MLflow run id, the manifest, the config
 # what `--resume` may change in a run's stored config (the rest would not match its checkpoints)
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "dist.max_failures", "dist.checkpoint_every", "data.threads")
 
@@ -34,8 +34,7 @@ class PretrainInterrupted(Exception):
 
 
 def _run_dir(storage_path: str | None, name: str) -> Path:
-    storage = Path(storage_path or rcl_home() / "ray_results").expanduser().resolve()
-    return storage / name
+    return ray_results(storage_path) / name
 
 
 def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> Config:
@@ -53,7 +52,7 @@ def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> 
     state_file = run_dir / RUN_STATE
     if not state_file.is_file():
         raise ConfigError(f"--resume: no run {name!r} under {run_dir.parent} (missing {state_file})")
-    stored = json.loads(state_file.read_text()).get("config")
+    stored = read_run_state(run_dir).get("config")
     if stored is None:  # a run from before the config was kept in its state: the checkpoint has it
         from rcl_dist.models.io import newest_valid_checkpoint
 
@@ -80,11 +79,6 @@ def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> 
                                   f"it to {value!r} (a resume keeps the run's config; it may change {', '.join(RESUMABLE_KEYS)})")  # fmt: skip
             log(f"resume: {full} {stored_cfg[sec][key]!r} -> {value!r}")
     return cfg
-
-
-def rcl_home() -> Path:
-    """``$RCL_DIST_HOME`` (default ``~/.rcl_dist``): local MLflow store, manifests, Ray results."""
-    return Path(os.environ.get("RCL_DIST_HOME", Path.home() / ".rcl_dist")).expanduser()
 
 
 def _answers(address: str, timeout_s: float = 1.0) -> bool:
@@ -257,7 +251,8 @@ def ensure_manifest(cfg: Config, log: Callable[[str], None] = print) -> Path:
     A manifest indexed as real noisy photographs (``data index --noise none``) trained with simulated
     noise added on top, or the other way round, is refused: ``data.noise`` must say what the files are.
     """
-    from rcl_dist.data.manifest import index_images, manifest_noise
+    from rcl_dist.data.index import index_images
+    from rcl_dist.data.manifest import manifest_noise
 
     if cfg.data.manifest:
         path = Path(cfg.data.manifest).expanduser().resolve()  # workers run in another directory
@@ -360,7 +355,7 @@ def run_pretrain(
 
     from rcl_dist.train.pretrain import train_func_per_worker
 
-    storage = Path(cfg.dist.storage_path or rcl_home() / "ray_results").expanduser().resolve()
+    storage = ray_results(cfg.dist.storage_path)
     if resume and not cfg.dist.run_name:
         raise ConfigError("--resume needs dist.run_name: the run to continue")
     name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
@@ -398,7 +393,7 @@ def run_pretrain(
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
     tracker = None
     if resume:
-        state = json.loads(state_file.read_text())
+        state = read_run_state(run_dir)
         manifest, run_id, uri = Path(state["manifest"]), state["mlflow_run_id"], state["tracking_uri"]
         if not manifest.is_file():  # before the MLflow run is reopened: a failure here changes no record
             raise ConfigError(f"--resume: run {name!r} trained on {manifest}, which no longer exists")
@@ -409,7 +404,8 @@ def run_pretrain(
     else:
         run_id, uri = None, None
         if cfg.tracking.enabled:
-            from rcl_dist.tracking import RunTracker, resolve_tracking_uri
+            from rcl_dist.paths import resolve_tracking_uri
+            from rcl_dist.tracking import RunTracker
 
             uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
             tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml

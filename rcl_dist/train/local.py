@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from rcl_dist.config import Config, ConfigError
 from rcl_dist.data.images import bundled_images, list_images, load_image, shared_data_dir, tile
-from rcl_dist.data.reference import PairSampler
+from rcl_dist.data.sampler import PairSampler
 from rcl_dist.losses.consistency import ConsistencyLoss, RawConsistencyLoss, build_encoder
 from rcl_dist.losses.diagnostics import adapt_alpha, residual_noise_distance
 from rcl_dist.losses.distances import get_distance

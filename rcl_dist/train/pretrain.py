@@ -389,7 +389,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     # 6. the end: Fig. 2 density, sample images, system info (rank 0)
     if tracker is not None:
         model.eval()
-        from rcl_dist.tracking import pos_neg_from_distance_matrix
+        from rcl_dist.figures import pos_neg_from_distance_matrix
 
         dist_final = _distance_matrix(inner, objective, eval_batch)
         if dist_init is not None and dist_final is not None:

@@ -1,49 +1,15 @@
 """Fitting a fresh last layer on a frozen body: the proxy evaluation of Sec. 4, solved instead of guessed.
 
 Proxy evaluation freezes every weight of the pre-trained network but the last layer and fits a fresh
-task layer on a few labels (Sec. 4: L1, Adam). This module is the one place that fits such a layer;
+task layer on a few labels (Sec. 4: L1). This module is the one place that fits such a layer;
 ``rcl-dist finetune --mode proxy``, the sweep's validator, the fidelity harness and the demo all call
-:func:`fit_head`.
-
-Why a solve and not Adam from a random start: every head here is a ``k x k`` convolution (with or
-without bias) followed by ``PixelShuffle(s)`` (``s = 1`` for the RGB heads), so its output is *linear
-in its weights*. With the frozen body's features ``F`` [n, C, h, w] unfolded to rows ``X`` (one row
-per feature pixel: the ``C k^2`` values of its ``k x k`` neighbourhood, plus a 1 for the bias)
-
-    head(F)[o s^2 + a s + b, i, j] = X[(i, j)] . Theta[:, o s^2 + a s + b]     (then pixel shuffle)
-
-and the restored image is affine in the head's output (:meth:`Restorer.restore_affine`):
-``restore(x) = sign * head(body(x)) + offset`` (U-Net: sign 1, offset 0; with the global input skip
-offset x; DnCNN: sign -1, offset x). So a label pair (x, y) asks the head for the head-space target
-
-    T = pixel_unshuffle(sign * (y - offset), s)
-
-and the label L1 of Sec. 4 is exactly ``mean |X Theta - T|``. Adam moves each weight by about its
-learning rate per step, so from a random start it needs thousands of steps to reach weights of size
-~1 (measured: 300 steps, 21.4 dB; least squares on the same labels, 29.3 dB).
-
-Fits (``ProbeOptions.fit``)
----------------------------
-* ``lstsq``: ridge least squares, ``Theta = (X^T X + lambda I)^-1 X^T T``, the exact minimiser of the
-  label MSE (PSNR's loss) up to ``lambda = ridge * mean(diag(X^T X))``; ``X^T X`` and ``X^T T``
-  are accumulated in float64 over chunks of labels.
-* ``lstsq+l1`` (default): from the ``lstsq`` solution, iteratively reweighted least squares towards
-  the paper's L1 objective: iteration t solves, per output channel o, the weighted normal equations
-  with weights ``1 / max(|r_o|, delta)`` of the current residuals ``r = X Theta_t - T`` (the classic
-  IRLS for least absolute deviations; ``delta`` bounds the weights, so it minimises the L1 loss
-  with residuals below ``delta`` treated quadratically). It stops when the best label L1 improved by
-  less than ``tol`` (relative) over the last ``window`` iterations (``converged``), or after
-  ``max_iters``; the best iterate is kept, so the result's label L1 is never above ``lstsq``'s.
-* ``adam``: the procedure this replaced, kept as a named option for comparison only: Adam (lr,
-  betas (0.9, 0.999), eps 1e-7, Sec. 4) from the fresh head's initialisation on seeded minibatches
-  of the cached features, ``steps`` steps.
-
-The body is frozen and in eval mode, so its features on the labelled inputs are computed once, in
-chunks (memory: the features themselves, ``n C h w`` floats, plus one chunk's unfolded rows, at
-most ``chunk_elements`` float64 values), and every fit works on that cache. The body's weights are
-never changed. Distributed (labels sharded over ranks): pass ``reduce``, a function that sums a
-tensor over ranks; every sum above (normal equations, L1 numerators, gradients) goes through it, so
-every rank installs the same head.
+:func:`fit_head`. Every head is a ``k x k`` convolution (then a pixel shuffle), so its output is linear
+in its weights and the restored image affine in the head's output: the label fit is a least-squares
+problem on the body's cached features, solved in closed form (``lstsq``) and refined towards the
+paper's L1 by iteratively reweighted least squares (``lstsq+l1``, the default). Adam from a random
+start needs thousands of steps to get there (``adam``, kept for comparison). Distributed, every sum
+goes through ``reduce``, so every rank installs the same head. The derivation and the fits:
+``docs/probe.md``.
 """
 
 from __future__ import annotations
@@ -67,7 +33,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """How a fresh last layer is fitted (see the module docstring); validated on construction."""
+    """How a fresh last layer is fitted (see ``docs/probe.md``); validated on construction."""
 
     fit: str = "lstsq+l1"  # "lstsq" | "lstsq+l1" | "adam"
     ridge: float = 1e-6  # lambda = ridge * mean(diag(X^T X)) (and at least ridge)
@@ -96,7 +62,7 @@ class ProbeOptions:
 
 @dataclass
 class ProbeFeatures:
-    """The frozen body's features on the labelled inputs and the head-space targets (module docstring).
+    """The frozen body's features on the labelled inputs and the head-space targets (``docs/probe.md``).
 
     ``feats`` [n, C, h, w]; ``target`` [n, O s^2, h, w] with O the head's output channels and s its
     pixel-shuffle factor.

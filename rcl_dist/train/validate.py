@@ -1,20 +1,13 @@
 """Proxy validation during pre-training: the objective a sweep trial reports to Ray Tune.
 
 The pretext loss is not the objective: a low contrastive loss does not mean good transfer. What a
-sweep ranks is the paper's proxy evaluation (Sec. 4) on a *validation* split of the training data:
-
-1. copy the network being pre-trained (the copy never touches the training state);
-2. replace its last layer by a fresh denoising layer, freeze everything else, and fit the layer on
-   ``labels`` labelled crops of the manifest's ``label_split`` rows
-   (:func:`rcl_dist.train.finetune.build_label_set`: seeded, the same crops for every trial with the
-   same ``crop``) with the probe of :mod:`rcl_dist.train.probe` (``fit``: closed-form least squares,
-   then IRLS towards L1 until the label L1 settles; ``adam``: ``steps`` Adam steps, for comparison);
-3. restore the first ``val_images`` whole images of the manifest's ``val_split`` rows (sorted by path)
-   from fixed noisy inputs (:func:`rcl_dist.evaluate.make_test_pair`, evaluation seed ``eval_seed``:
-   the same inputs for every trial) and report mean PSNR / SSIM (:func:`rcl_dist.metrics.image_metrics`).
-
-:class:`ProxyValidator` runs in one process (rank 0 of a pre-training run) with no collective calls;
-labels and validation images are read once, at the first call, and kept.
+sweep ranks is the paper's proxy evaluation (Sec. 4) on a *validation* split of the training data: a
+copy of the network gets a fresh denoising last layer, fitted on ``labels`` seeded labelled crops
+(:func:`rcl_dist.train.labels.build_label_set`) with :mod:`rcl_dist.train.probe`, then restores the
+first ``val_images`` whole validation images from fixed noisy inputs
+(:func:`rcl_dist.evaluate.make_test_pair`) and reports mean PSNR / SSIM. The same labels and inputs
+for every trial; the copy never touches the training state. :class:`ProxyValidator` runs in one
+process (rank 0) with no collective calls. The steps in detail: ``docs/probe.md``.
 """
 
 from __future__ import annotations
@@ -105,7 +98,7 @@ class ProxyValidator:
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _spec(self):
-        from rcl_dist.train.finetune import FinetuneSpec
+        from rcl_dist.train.finetune_spec import FinetuneSpec
 
         o = self.objective
         return FinetuneSpec(
@@ -117,7 +110,7 @@ class ProxyValidator:
     def _load(self, gray: bool) -> None:
         from rcl_dist.data.images import load_image
         from rcl_dist.evaluate import make_test_pair
-        from rcl_dist.train.finetune import build_label_set
+        from rcl_dist.train.labels import build_label_set
 
         o, d = self.objective, self.cfg.data
         self._labels = build_label_set(self._spec(), None, gray)
@@ -131,7 +124,7 @@ class ProxyValidator:
             self._val.append((x, y))
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from rcl_dist.evaluate import tiled_restore
+        from rcl_dist.infer import tiled_restore
         from rcl_dist.metrics import image_metrics
         from rcl_dist.train.finetune import fit_proxy, prepare_loaded_model
 

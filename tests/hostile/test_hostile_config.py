@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from rcl_dist.config import RANGES, Config, ConfigError, load_config, load_yaml_text, show_value
-from rcl_dist.tune import load_space
+from rcl_dist.tune_space import load_space
 
 from hostile_inputs import billion_laughs
 

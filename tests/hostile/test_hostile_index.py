@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rcl_dist.cli import main
-from rcl_dist.data.manifest import index_images, rejects_path
+from rcl_dist.data.index import index_images, rejects_path
 
 from hostile_inputs import noisy_rgb
 

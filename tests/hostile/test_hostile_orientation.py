@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 from rcl_dist.cli import main
 from rcl_dist.data.codec import decode_image_bytes, read_image
 from rcl_dist.data.images import _to_chw_float, load_image
-from rcl_dist.data.manifest import read_manifest, rejects_path
+from rcl_dist.data.index import rejects_path
+from rcl_dist.data.manifest import read_manifest
 
 from hostile_inputs import noisy_rgb
 

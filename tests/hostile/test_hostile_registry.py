@@ -1,9 +1,9 @@
 """Issue 16, defect 11: a registered model must not unpickle code when it is loaded.
 
 Before: ``register`` logged the pyfunc as a Python object, so MLflow stored ``python_model.pkl``
-(CloudPickle of :class:`rcl_dist.registry.DenoiserModel`, with MLflow's warning on every register), and
+(CloudPickle of :class:`rcl_dist.serving.DenoiserModel`, with MLflow's warning on every register), and
 loading the model unpickled it. Now the pyfunc is logged as "models from code" (the path of
-``rcl_dist/registry_model.py``), and :func:`rcl_dist.registry.load_denoiser` refuses a model stored as
+``rcl_dist/registry_model.py``), and :func:`rcl_dist.serving.load_denoiser` refuses a model stored as
 a pickle. Real engines: a SQLite MLflow store with its registry.
 """
 
@@ -22,8 +22,9 @@ import yaml
 
 from rcl_dist.data.codec import decode_image_bytes, encode_png
 from rcl_dist.models.io import load_checkpoint
-from rcl_dist.registry import DenoiserModel, _global_uris, load_denoiser, model_signature, register
-from rcl_dist.train.launch import RUN_STATE
+from rcl_dist.registry import register
+from rcl_dist.serving import DenoiserModel, global_uris, load_denoiser, model_signature
+from rcl_dist.paths import RUN_STATE
 
 from test_denoise import expected, fine_tuned_checkpoint, smooth
 from test_registry import finetune_run
@@ -50,7 +51,7 @@ def registered(tmp_path_factory):
         mv = register(run_id, "hostile-denoiser", tracking_uri=uri)
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
-    with _global_uris(uri):  # a SQLite registry resolves models:/ through MLflow's global URIs
+    with global_uris(uri):  # a SQLite registry resolves models:/ through MLflow's global URIs
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/hostile-denoiser/{mv.version}",
                                                           tracking_uri=uri, registry_uri=uri, dst_path=str(root / "dl")))  # fmt: skip
     return {"uri": uri, "version": mv.version, "folder": folder, "ckpt": ckpt, "root": root, "logs": records}

@@ -23,7 +23,7 @@ import torch
 from rcl_dist.config import Config
 from rcl_dist.data.codec import decode_image_bytes, encode_png
 from rcl_dist.models.io import save_checkpoint
-from rcl_dist.registry import model_signature, pyfunc_model_args
+from rcl_dist.serving import model_signature, pyfunc_model_args
 from rcl_dist.models.factory import build_model_from_config
 
 from hostile_inputs import lying_png, noisy_rgb, zero_png
