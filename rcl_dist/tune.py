@@ -169,6 +169,32 @@ def _placement_group_cleanup(trials_dir: Path):
     return PlacementGroupCleanup()
 
 
+def fit_concurrency(space: SweepSpace, log: Callable[[str], None]) -> SweepSpace:
+    """The space with at most as many trials at once as the running Ray holds whole.
+
+    A trial's driver takes its CPUs before its workers ask for theirs: with more drivers running than
+    the cluster can also give workers to, every driver waits for the others' workers forever. A local
+    Ray is started big enough; a cluster is what it is, so the concurrency is lowered to what fits
+    (at least 1), saying so."""
+    import dataclasses
+
+    import ray
+
+    res, have = space.resources, ray.cluster_resources()
+    need = {"CPU": res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]}
+    if res["use_gpu"]:
+        need["GPU"] = float(res["workers"])
+    fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    fit = max(1, min(fits)) if fits else space.concurrency
+    if fit >= space.concurrency:
+        return space
+    wanted = ", ".join(f"{space.concurrency * v:g} {k}" for k, v in need.items() if v > 0)
+    held = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in need)
+    log(f"sweep {space.name}: concurrency {space.concurrency} needs {wanted} at once, Ray has {held}: "
+        f"running {fit} at a time (a trial's driver would otherwise wait forever for its workers)")  # fmt: skip
+    return dataclasses.replace(space, concurrency=fit)
+
+
 def _searcher(space: SweepSpace):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -341,6 +367,7 @@ def run_sweep(
     per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
     check_gpus(res["workers"] if res["use_gpu"] else 0, "resources.use_gpu")
+    space = fit_concurrency(space, log)
     t0 = time.perf_counter()
     tracker = None
     if resume:

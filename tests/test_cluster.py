@@ -188,12 +188,12 @@ def test_shared_storage_is_mounted_and_named_in_the_environment(prepared, name):
 
 def test_rcl_dist_reads_the_variables_the_cluster_sets():
     """The environment names the folders only if the package reads those names."""
+    from rcl_dist import paths
     from rcl_dist.data import images
-    from rcl_dist.train import launch
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RCL_DIST_HOME", ENV["RCL_DIST_HOME"])
-        assert launch.rcl_home() == Path(ENV["RCL_DIST_HOME"])
+        assert paths.rcl_home() == Path(ENV["RCL_DIST_HOME"])
     assert "RCL_DIST_DATA" in Path(images.__file__).read_text()
 
 def test_aws_placeholders_agree(raw):

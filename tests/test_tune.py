@@ -357,3 +357,20 @@ def test_pretraining_and_sweep_trials_take_the_realisations_folder_from_one_plac
     got = simulated_dir_for(load_config(None, ["data.simulated_dir=~/real"]), manifest)
     assert got == str((tmp_path / "real").resolve())
     assert '"_simulated"' not in inspect.getsource(tune_mod._trial)
+
+
+def test_concurrency_is_lowered_to_what_the_running_ray_holds(tmp_path, local_ray):
+    """On a cluster smaller than concurrency x (driver + workers) CPUs, every trial's driver would hold
+    a CPU and wait for its workers forever (seen on a 2-CPU cluster head: 2 trials of 1 + 1 CPUs): the
+    sweep runs as many at once as fit, and says so. local_ray has 4 CPUs; each trial here needs 2."""
+    import ray
+
+    from rcl_dist.tune import fit_concurrency
+
+    assert ray.cluster_resources()["CPU"] == 4
+    said: list[str] = []
+    wide = fit_concurrency(load_space(_space(tmp_path, concurrency=3)), said.append)
+    assert wide.concurrency == 2 and len(said) == 1
+    assert "concurrency 3 needs 6 CPU at once, Ray has 4 CPU: running 2 at a time" in said[0]
+    narrow = load_space(_space(tmp_path, concurrency=2))
+    assert fit_concurrency(narrow, said.append) is narrow and len(said) == 1  # fits: unchanged, silent
