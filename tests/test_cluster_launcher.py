@@ -201,7 +201,7 @@ def test_ray_up_submit_job_submit_down(head, tmp_path):
         t3 = time.perf_counter()
         for _ in range(60):
             job = subprocess.run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--", "python",
-                                  "~/rcl-dist/pipelines/pretrain.py", *TINY, "dist.run_name=job-pretrain",
+                                  str(node / "rcl-dist/pipelines/pretrain.py"), *TINY, "dist.run_name=job-pretrain",
                                   "tracking.experiment=cluster-pretrain"],
                                  capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
             if "Connection refused" not in job.stdout + job.stderr and "Failed to connect" not in job.stdout + job.stderr:
