@@ -41,6 +41,8 @@ DEMO_OVERRIDES = (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rcl-dist", description="Residual Contrastive Learning for image restoration")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything Ray and MLflow log (anywhere on the command line)")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the whole system on images bundled with scikit-image: pre-train, evaluate, register, denoise")
@@ -202,6 +204,8 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
         return 130
     if r.metrics is None and r.seconds == 0.0:  # a resume of a complete run: nothing was done
         return 0
+    from rcl_dist.console import ui_hint
+
     m = r.metrics or {}
     print(
         f"run {r.run_name} finished in {r.seconds:.1f} s: step {m.get('step', float('nan')):.0f}, "
@@ -210,7 +214,7 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
     print(f"checkpoint: {r.checkpoint_path}")
     if r.mlflow_run_id:
         print(f"MLflow run {r.mlflow_run_id} in {r.tracking_uri}")
-        print(f"open the UI with:  mlflow ui --backend-store-uri {r.tracking_uri}  (then http://127.0.0.1:5000)")
+        print(ui_hint(r.tracking_uri))
     return 0
 
 
@@ -276,8 +280,13 @@ def _data(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from rcl_dist.config import ConfigError, load_config
+    from rcl_dist.console import quiet_libraries, set_verbose
 
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {"-v", "--verbose"}
+    args = _parser().parse_args([a for a in argv if a not in flags])
+    set_verbose(any(a in flags for a in argv))
+    quiet_libraries()
     try:
         if args.command == "demo":
             cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])

@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from rcl_dist.console import quiet_libraries, ui_hint
+
 __all__ = ["run_demo"]
 
 DEMO_MODEL = "rcl-demo-denoiser"
@@ -77,6 +79,7 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the flow; returns the table rows and the paths it wrote."""
+    quiet_libraries()
     import torch
 
     from rcl_dist.config import load_config
@@ -159,6 +162,11 @@ def run_demo(
     log(f"side-by-side: {png}")
     log(f"denoised sample: {out_dir / sample.name}")
     log(f"MLflow store: {uri}")
-    log(f"open its UI with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    log(ui_hint(uri))
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    log("next, on your own images (README: 'Using it'):\n"
+        "  rcl-dist data index photos/ --out photos.parquet\n"
+        "  rcl-dist pretrain data.manifest=photos.parquet dist.run_name=mine\n"
+        "  rcl-dist finetune --from mine --task denoise --mode full --labels 10 --out my_denoiser"
+        " && rcl-dist denoise --model my_denoiser photos/ denoised/")  # fmt: skip
     return {"rows": rows, "side_by_side": str(png), "tracking_uri": uri, "model_version": mv.version}

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.mark.slow
-def test_demo_pipeline_reduced(tmp_path, monkeypatch):
+def test_demo_pipeline_reduced(tmp_path, monkeypatch, capfd):
     from rcl_dist.cli import DEMO_OVERRIDES
     from rcl_dist.demo import run_demo
 
@@ -31,3 +31,11 @@ def test_demo_pipeline_reduced(tmp_path, monkeypatch):
     assert any("mlflow ui --backend-store-uri" in line for line in lines)
     assert any(line.startswith("| RCL, full") for line in lines)
     assert "rcl_dist.demo" in sys.modules
+    # the console: each worker line once; none of Ray Train's routine chatter (before: 143 lines of the
+    # placement-group cleaner's failed state-API polls, every report as a raw dict, each progress line twice)
+    err = capfd.readouterr().err
+    worker = [line for line in err.splitlines() if "[rcl-dist" in line]
+    assert worker and len(worker) == len(set(worker)), worker
+    for noise in ("Failed to query Ray Train Controller", "Reporting training result", "PreemptionWatcher",
+                  "Downloading artifacts"):  # fmt: skip
+        assert noise not in err, noise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rcl_dist.config import Config, ConfigError
+from rcl_dist.console import ray_env, verbose
 from rcl_dist.paths import RUN_STATE, ray_results, read_run_state, rcl_home
 
 __all__ = [
@@ -153,7 +155,7 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = 
     address, why = _ray_choice()
     (log or (lambda s: print(s, file=sys.stderr, flush=True)))(why)
     if address is not None:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env={"env_vars": ray_env(local=False)})
         return
     import ray._private.ray_constants as ray_constants
 
@@ -166,7 +168,9 @@ def ensure_ray(num_cpus: int | None = None, log: Callable[[str], None] | None = 
         address="local",  # never Ray's own lookup: it reads the address file and joins even a dead head
         num_cpus=num_cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home())}},
+        logging_level=logging.INFO if verbose() else logging.WARNING,
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "RCL_DIST_HOME": str(rcl_home()),
+                                  **ray_env(local=True)}},  # fmt: skip
     )
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":

@@ -181,6 +181,9 @@ def worker_setup() -> tuple[int, int, torch.device]:
     import ray.train
     import ray.train.torch
 
+    from rcl_dist.console import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     torch.set_flush_denormal(True)
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()

@@ -4,12 +4,19 @@ Each job differs only in its worker function, its loop config, and a few run set
 (``workers`` x ``cpus_per_worker``, one GPU each with ``use_gpu``), the process-group backend (NCCL on
 GPUs, gloo on CPUs), the storage layout and the logging level are the same for all, so they are set
 here once. The process group's rendezvous opens no socket on a local Ray
-(:mod:`rcl_dist.train.rendezvous`).
+(:mod:`rcl_dist.train.rendezvous`). Where Ray runs no dashboard (the local Ray), Ray Train's
+placement-group cleaner is left out: it polls the state API that only the dashboard serves, so
+there every poll failed (a warning a second) and it could never act; ``ray.shutdown`` removes a
+local run's placement groups anyway.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import ray._private.worker
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 __all__ = ["make_torch_trainer"]
 
@@ -30,12 +37,12 @@ def make_torch_trainer(
 ):
     """A ``TorchTrainer`` running ``train_func(loop_config)`` on ``workers`` Ray Train workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
+    from rcl_dist.console import verbose
     from rcl_dist.train.rendezvous import LocalTorchConfig
 
-    return TorchTrainer(
+    return _trainer_class()(
         train_func,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -51,6 +58,17 @@ def make_torch_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=callbacks or None,
-            logging_config=LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's own lines
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),  # rank 0 prints progress
         ),
     )
+
+
+class _NoStateApiTorchTrainer(TorchTrainer):
+    """``TorchTrainer`` without the placement-group cleaner, for a Ray that serves no state API."""
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
+def _trainer_class() -> type:
+    return TorchTrainer if ray._private.worker.get_dashboard_url() else _NoStateApiTorchTrainer
