@@ -12,6 +12,7 @@ unchanged file is not decoded again. The validation rules and what each row reco
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -411,6 +412,16 @@ def _triage(entries, old, rejects, noise: str, max_pixels: int, min_side: int) -
     return records, reused, todo
 
 
+def _save_progress(out: Path, records, old, todo: list[_Entry], entries: dict[str, _Entry], derived: Derived,
+                   settings: dict[str, Any], done: int) -> None:
+    """Write the manifest with the first ``done`` files inspected; rows of files not reached yet kept from ``old``."""
+    pending = {e.path: old[e.path] for e in todo[done:] if e.path in old}
+    merged = dict(records)
+    for path, row in pending.items():
+        merged[path] = ({k: row[k] for k in FILE_FIELDS}, entries[path].split, row["size_bytes"], row["mtime_ns"])
+    write_parquet_atomic(with_metadata(assemble(merged, derived)[0], settings), out)
+
+
 def _inspect_all(todo, records, rejects, checkpoint, out, *, max_pixels, min_side, workers, checkpoint_s, log) -> None:
     """Decode the files to inspect on ``workers`` threads into records or rejects; saves progress as it goes."""
     done, last_save, last_log = 0, time.monotonic(), time.monotonic()
@@ -516,13 +527,7 @@ def index_images(
     _count_dropped(out, old, entries, result, replace)
     records, reused, todo = _triage(entries, old, rejects, noise, max_pixels, min_side)
 
-    def checkpoint(done: int) -> None:
-        pending = {e.path: old[e.path] for e in todo[done:] if e.path in old}
-        merged = dict(records)
-        for path, row in pending.items():
-            merged[path] = ({k: row[k] for k in FILE_FIELDS}, entries[path].split, row["size_bytes"], row["mtime_ns"])
-        write_parquet_atomic(with_metadata(assemble(merged, derived)[0], settings), out)
-
+    checkpoint = functools.partial(_save_progress, out, records, old, todo, entries, derived, settings)
     if todo:
         log(f"index: {len(entries)} files, {len(reused)} unchanged, {len(todo)} to validate ({workers} threads)")
     _inspect_all(todo, records, rejects, checkpoint, out, max_pixels=max_pixels, min_side=min_side, workers=workers,
