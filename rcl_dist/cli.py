@@ -278,6 +278,52 @@ def _data(args) -> None:
         print(f"{n} noisy realisation(s) in {args.out}")
 
 
+def _demo(args) -> int:
+    """``rcl-dist demo``: the single-process loop (``--local``) or the whole flow of rcl_dist/demo.py."""
+    from rcl_dist.config import load_config
+
+    cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])
+    if args.local:
+        return _pretrain(cfg, args.save)
+    from rcl_dist.demo import run_demo
+
+    run_demo([*DEMO_OVERRIDES, *args.overrides], pretrain_steps=args.steps)
+    return 0
+
+
+def _pretrain_command(args) -> int:
+    """``rcl-dist pretrain``: the config (a resumed run's own, with the given layer over it), then local or Ray."""
+    from rcl_dist.config import ConfigError, load_config
+
+    if args.resume and args.local:
+        raise ConfigError("--resume continues a distributed run: it cannot be used with --local")
+    if args.resume:  # the run's own stored config, with only what the user gave laid over it
+        from rcl_dist.config import config_layer
+        from rcl_dist.train.launch import resume_config
+
+        cfg = resume_config(config_layer(args.config, args.overrides), log=lambda s: print(s, flush=True))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.local:
+        return _pretrain(cfg, args.save)
+    return _pretrain_distributed(cfg, args.resume, args.tracking_uri)
+
+
+def _sweep(args, argv: list[str] | None) -> int:
+    """``rcl-dist sweep``: 130 when interrupted, 1 when no trial reported a value, else 0 (and the report)."""
+    from rcl_dist.tune import run_sweep, write_report
+    from rcl_dist.tune_space import load_space
+
+    space = load_space(args.space, args.overrides)
+    result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)
+    if result.summary.get("interrupted"):
+        return 130
+    if args.out:
+        write_report(result, space, args.out, ["rcl-dist", *(argv if argv is not None else sys.argv[1:])])
+    print(f"best config: {result.best_config_path}" if result.best_config_path else "no trial reported a value")
+    return 0 if result.best_config_path else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from rcl_dist.config import ConfigError, load_config
     from rcl_dist.console import quiet_libraries, set_verbose
@@ -289,27 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         if args.command == "demo":
-            cfg = load_config(None, [*DEMO_OVERRIDES, f"train.steps={args.steps}", *args.overrides])
-            if args.local:
-                return _pretrain(cfg, args.save)
-            else:
-                from rcl_dist.demo import run_demo
-
-                run_demo([*DEMO_OVERRIDES, *args.overrides], pretrain_steps=args.steps)
+            return _demo(args)
         elif args.command == "pretrain":
-            if args.resume and args.local:
-                raise ConfigError("--resume continues a distributed run: it cannot be used with --local")
-            if args.resume:  # the run's own stored config, with only what the user gave laid over it
-                from rcl_dist.config import config_layer
-                from rcl_dist.train.launch import resume_config
-
-                cfg = resume_config(config_layer(args.config, args.overrides), log=lambda s: print(s, flush=True))
-            else:
-                cfg = load_config(args.config, args.overrides)
-            if args.local:
-                return _pretrain(cfg, args.save)
-            else:
-                return _pretrain_distributed(cfg, args.resume, args.tracking_uri)
+            return _pretrain_command(args)
         elif args.command == "data":
             _data(args)
         elif args.command == "finetune":
@@ -342,17 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 sigma=args.sigma, tile=args.tile, overlap=args.overlap,
             )
         elif args.command == "sweep":
-            from rcl_dist.tune import run_sweep, write_report
-            from rcl_dist.tune_space import load_space
-
-            space = load_space(args.space, args.overrides)
-            result = run_sweep(space, resume=args.resume, tracking_uri=args.tracking_uri, storage=args.storage)
-            if result.summary.get("interrupted"):
-                return 130
-            if args.out:
-                write_report(result, space, args.out, ["rcl-dist", *(argv if argv is not None else sys.argv[1:])])
-            print(f"best config: {result.best_config_path}" if result.best_config_path else "no trial reported a value")
-            return 0 if result.best_config_path else 1
+            return _sweep(args, argv)
         elif args.command == "config":
             import yaml
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,6 +68,53 @@ def _side_by_side(panels: list[tuple[str, np.ndarray]], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _score(results: list[tuple[str, Any]], eval_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate each fine-tuned checkpoint on the evaluation folder: (table rows, noisy input first; models by label)."""
+    from rcl_dist.evaluate import evaluate_folder, summarise
+    from rcl_dist.models.io import load_checkpoint
+
+    rows: list[dict[str, Any]] = []
+    models = {}
+    for label, res in results:
+        model, _, _ = load_checkpoint(res.checkpoint_path)
+        t = evaluate_folder(model, eval_dir, "denoise", progress=lambda *_: None)
+        models[label] = model
+        s = summarise(t)
+        if not rows:
+            rows.append({"method": "noisy input", "psnr": s["psnr_input_mean"], "ssim": s["ssim_input_mean"]})
+        rows.append({"method": label, "psnr": s["psnr_mean"], "ssim": s["ssim_mean"]})
+    return rows, models
+
+
+def _publish(run_id: str, eval_dir: Path, out_dir: Path, uri: str, log: Callable[[str], None]) -> tuple[Any, Path]:
+    """Register the run's denoiser, promote it to @champion and denoise a sample through it: (version, sample)."""
+    from rcl_dist.denoise import denoise_paths
+    from rcl_dist.registry import promote, register
+
+    mv = register(run_id, DEMO_MODEL, tracking_uri=uri)
+    decision = promote(DEMO_MODEL, mv.version, "champion", eval_data=str(eval_dir), tracking_uri=uri)
+    log(f"  {DEMO_MODEL} v{mv.version}: {decision['decision']} ({decision['reason']})")
+    sample = sorted(eval_dir.iterdir())[0]
+    denoise_paths(f"models:/{DEMO_MODEL}@champion", [str(sample)], str(out_dir), tracking_uri=uri, progress=False)
+    return mv, sample
+
+
+def _comparison(models: dict[str, Any], labels: tuple[str, ...], sample: Path, png: Path) -> None:
+    """The side-by-side PNG of the sample: noisy input, each labelled model's output, clean."""
+    import torch
+
+    from rcl_dist.data.images import load_image
+    from rcl_dist.evaluate import file_image_id, make_test_pair
+    from rcl_dist.infer import tiled_restore
+
+    clean = torch.from_numpy(load_image(sample, gray=False))
+    noisy, _ = make_test_pair(clean, "denoise", image_id=file_image_id(sample))
+    panels = [("noisy input", noisy), ("clean", clean)]
+    for label in labels:
+        panels.insert(-1, (label, tiled_restore(models[label], noisy[None])[0]))
+    _side_by_side([(t, p.permute(1, 2, 0).numpy()) for t, p in panels], png)
+
+
 def run_demo(
     overrides: list[str],
     *,
@@ -80,14 +127,7 @@ def run_demo(
 ) -> dict:
     """Run the flow; returns the table rows and the paths it wrote."""
     quiet_libraries()
-    import torch
-
     from rcl_dist.config import load_config
-    from rcl_dist.evaluate import evaluate_folder, file_image_id, make_test_pair, summarise
-    from rcl_dist.infer import tiled_restore
-    from rcl_dist.data.images import load_image
-    from rcl_dist.models.io import load_checkpoint
-    from rcl_dist.registry import promote, register
     from rcl_dist.paths import rcl_home, read_run_state, resolve_tracking_uri
     from rcl_dist.train.finetune_spec import FinetuneSpec
     from rcl_dist.train.finetune_ray import run_finetune
@@ -120,40 +160,15 @@ def run_demo(
     log(f"[demo 4/6] full fine-tuning of the RCL model on {full_labels} labelled crops")
     full_rcl = finetune(ckpt, "full", full_labels, "demo-full-rcl")
     full_none = finetune("none", "full", full_labels, "demo-full-scratch")
-
-    rows = []
-    tables = {}
-    for label, res in [
-        ("no pre-training, proxy", proxy_none),
-        ("RCL, proxy", proxy_rcl),
-        (f"no pre-training, full ({full_labels} labels)", full_none),
-        (f"RCL, full ({full_labels} labels)", full_rcl),
-    ]:
-        model, _, _ = load_checkpoint(res.checkpoint_path)
-        t = evaluate_folder(model, eval_dir, "denoise", progress=lambda *_: None)
-        tables[label] = model
-        s = summarise(t)
-        if not rows:
-            rows.append({"method": "noisy input", "psnr": s["psnr_input_mean"], "ssim": s["ssim_input_mean"]})
-        rows.append({"method": label, "psnr": s["psnr_mean"], "ssim": s["ssim_mean"]})
+    full = f"RCL, full ({full_labels} labels)"
+    rows, models = _score([("no pre-training, proxy", proxy_none), ("RCL, proxy", proxy_rcl),
+                           (f"no pre-training, full ({full_labels} labels)", full_none), (full, full_rcl)], eval_dir)  # fmt: skip
 
     log("[demo 5/6] register the fully fine-tuned RCL denoiser, promote it to @champion, denoise a sample")
-    mv = register(full_rcl.mlflow_run_id, DEMO_MODEL, tracking_uri=uri)
-    decision = promote(DEMO_MODEL, mv.version, "champion", eval_data=str(eval_dir), tracking_uri=uri)
-    log(f"  {DEMO_MODEL} v{mv.version}: {decision['decision']} ({decision['reason']})")
-    from rcl_dist.denoise import denoise_paths
-
-    sample = sorted(eval_dir.iterdir())[0]
     out_dir = home / "demo" / "denoised"
-    denoise_paths(f"models:/{DEMO_MODEL}@champion", [str(sample)], str(out_dir), tracking_uri=uri, progress=False)
-
-    clean = torch.from_numpy(load_image(sample, gray=False))
-    noisy, _ = make_test_pair(clean, "denoise", image_id=file_image_id(sample))
-    panels = [("noisy input", noisy), ("clean", clean)]
-    for label in ("no pre-training, proxy", "RCL, proxy", f"RCL, full ({full_labels} labels)"):
-        panels.insert(-1, (label, tiled_restore(tables[label], noisy[None])[0]))
+    mv, sample = _publish(full_rcl.mlflow_run_id, eval_dir, out_dir, uri, log)
     png = home / "demo" / "side_by_side.png"
-    _side_by_side([(t, p.permute(1, 2, 0).numpy()) for t, p in panels], png)
+    _comparison(models, ("no pre-training, proxy", "RCL, proxy", full), sample, png)
 
     log(f"[demo 6/6] PSNR / SSIM on {eval_what} (denoising, noise fixed per image):")
     log("| method | PSNR (dB) | SSIM |\n|---|---|---|")

@@ -212,6 +212,46 @@ def _check_task_model(model: nn.Module, task: str) -> None:
         raise ValueError(f"task {task!r} needs a same-size RGB/grey model, got scale {s} and raw={raw!r}")
 
 
+def _files_to_evaluate(folder: Path, task: str, limit: int | None) -> list[Path]:
+    """The images of ``folder`` in sorted order (``real``: the ``*_real`` ones), the first ``limit`` of them."""
+    files = list_images(folder)
+    if task == "real":
+        files = [p for p in files if is_real_noisy(p)]
+    if not files:
+        what = "*_real.* images (with *_mean.* partners)" if task == "real" else "images"
+        raise ValueError(f"{folder}: no {what} to evaluate")
+    if limit is not None:
+        files = files[:limit]
+    return files
+
+
+def _read_pair(path: Path, task: str, gray: bool, raw: str | None, **noise: Any) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(image id, model input, target) of one file; OSError/ValueError when it cannot be used."""
+    if task == "real":
+        noisy_img = load_image(path, gray=gray)
+        partner = Path(real_partner(path))
+        if not partner.is_file():
+            raise ValueError(f"{partner}: clean partner of {path.name} is missing")
+        clean = load_image(partner, gray=gray)
+        image_id = path.stem
+        inp, target = make_test_pair(clean, "real", image_id=image_id, noisy=noisy_img)
+    else:
+        image_id = file_image_id(path)
+        clean = load_image(path, gray=gray)
+        inp, target = make_test_pair(clean, task, image_id=image_id, raw=raw or "packed", **noise)
+    return image_id, inp, target
+
+
+def _results_table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], settings: dict[str, Any]) -> pa.Table:
+    """The per-image rows as a table, with the skipped files and the settings in its schema metadata."""
+    meta = {
+        b"skipped": str(len(skipped)).encode(),
+        b"skipped_files": json.dumps(skipped).encode(),
+        b"settings": json.dumps(settings).encode(),
+    }
+    return pa.Table.from_pylist(rows, schema=_SCHEMA).replace_schema_metadata(meta)
+
+
 def evaluate_folder(
     model: nn.Module,
     folder: str | os.PathLike,
@@ -259,35 +299,15 @@ def evaluate_folder(
         raise ValueError("task 'jdd' needs RGB images (gray=True was given)")
     scale = model_scale(model)
     say = progress or (lambda _msg: None)
-
-    files = list_images(folder)
-    if task == "real":
-        files = [p for p in files if is_real_noisy(p)]
-    if not files:
-        what = "*_real.* images (with *_mean.* partners)" if task == "real" else "images"
-        raise ValueError(f"{folder}: no {what} to evaluate")
-    if limit is not None:
-        files = files[:limit]
+    files = _files_to_evaluate(folder, task, limit)
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for i, path in enumerate(files, 1):
         try:
-            if task == "real":
-                noisy_img = load_image(path, gray=gray_images)
-                partner = Path(real_partner(path))
-                if not partner.is_file():
-                    raise ValueError(f"{partner}: clean partner of {path.name} is missing")
-                clean = load_image(partner, gray=gray_images)
-                image_id = path.stem
-                inp, target = make_test_pair(clean, "real", image_id=image_id, noisy=noisy_img)
-            else:
-                image_id = file_image_id(path)
-                clean = load_image(path, gray=gray_images)
-                inp, target = make_test_pair(
-                    clean, task, image_id=image_id, seed=seed, sigma_min=sigma_min, sigma_max=sigma_max,
-                    sampler=sampler, raw=raw or "packed", sigma=sigma,
-                )  # fmt: skip
+            image_id, inp, target = _read_pair(
+                path, task, gray_images, raw, seed=seed, sigma_min=sigma_min, sigma_max=sigma_max, sampler=sampler, sigma=sigma
+            )
         except (OSError, ValueError) as e:
             warnings.warn(f"evaluate: skipping {path}: {e}", stacklevel=2)
             skipped.append({"path": str(path), "reason": str(e)})
@@ -296,25 +316,12 @@ def evaluate_folder(
         m = image_metrics(pred, target)
         m_in = image_metrics(baseline_prediction(inp, target, task), target)
         noisy_task = task in _NOISY_TASKS
-        shot, read = (
-            _noise_params(image_id, seed, sigma, sigma_min, sigma_max, sampler) if noisy_task else (None, None)
-        )
-        rows.append(
-            {
-                "image": path.name,
-                "task": task,
-                "dataset": folder.name,
-                "psnr": m["psnr"],
-                "ssim": m["ssim"],
-                "psnr_input": m_in["psnr"],
-                "ssim_input": m_in["ssim"],
-                "height": int(target.shape[-2]),
-                "width": int(target.shape[-1]),
-                "shot": shot,
-                "read": read,
-                "sigma": None if sigma is None else float(sigma),
-            }
-        )
+        shot, read = _noise_params(image_id, seed, sigma, sigma_min, sigma_max, sampler) if noisy_task else (None, None)
+        rows.append({
+            "image": path.name, "task": task, "dataset": folder.name, "psnr": m["psnr"], "ssim": m["ssim"],
+            "psnr_input": m_in["psnr"], "ssim_input": m_in["ssim"], "height": int(target.shape[-2]),
+            "width": int(target.shape[-1]), "shot": shot, "read": read, "sigma": None if sigma is None else float(sigma),
+        })  # fmt: skip
         say(f"[{i}/{len(files)}] {path.name}: PSNR {m['psnr']:.2f} dB (input {m_in['psnr']:.2f}), SSIM {m['ssim']:.4f}")
     if skipped:
         say(f"skipped {len(skipped)} unreadable file(s): {', '.join(Path(s['path']).name for s in skipped)}")
@@ -323,12 +330,7 @@ def evaluate_folder(
         "overlap": overlap, "gray": gray_images, "sigma": sigma, "sigma_min": sigma_min, "sigma_max": sigma_max,
         "sampler": sampler,
     }  # fmt: skip
-    meta = {
-        b"skipped": str(len(skipped)).encode(),
-        b"skipped_files": json.dumps(skipped).encode(),
-        b"settings": json.dumps(settings).encode(),
-    }
-    return pa.Table.from_pylist(rows, schema=_SCHEMA).replace_schema_metadata(meta)
+    return _results_table(rows, skipped, settings)
 
 
 def skipped_files(table: pa.Table) -> list[dict[str, str]]:

@@ -190,129 +190,115 @@ def _describe(info: dict[str, str], cfg, ev: dict[str, Any] | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- register
-def register(
-    finetune_run_id: str,
-    name: str,
-    *,
-    tracking_uri: str | None = None,
-    eval_data: str | os.PathLike | None = None,
-    eval_task: str = "denoise",
-    eval_limit: int | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-):
-    """Register the fine-tuned checkpoint of MLflow run ``finetune_run_id`` as a new version of ``name``.
+def _load_finetuned(ckpt: Path, finetune_run_id: str):
+    """(model, config, state) of a run's checkpoint; refuses a pre-training or RAW-input checkpoint."""
+    from rcl_dist.models.io import load_checkpoint
 
-    Logs a :class:`rcl_dist.serving.DenoiserModel` pyfunc model (artifact ``denoiser``) in a new run nested under the
-    fine-tuning run (see ``docs/registry.md``), registers it, and tags the version with its lineage,
-    training description and (``eval_data`` given) its evaluation on that folder. ``tile``/``overlap``:
-    the served model's default tiling. Returns the :class:`mlflow.entities.model_registry.ModelVersion`
-    (with its tags). Raises ``ValueError`` (unknown run, no checkpoint, a RAW-input model, an MLflow
-    error, with the reason) or ``FileNotFoundError`` (``eval_data`` missing) before logging anything.
-    """
+    model, cfg, state = load_checkpoint(ckpt)
+    if "task" not in state:
+        raise ValueError(
+            f"run {finetune_run_id}: {ckpt.name} is not a fine-tuned checkpoint (no 'task' entry): "
+            "register the output of `rcl-dist finetune`"
+        )
+    if getattr(model, "raw", None) is not None:
+        raise ValueError(f"run {finetune_run_id}: a RAW-input model (raw={model.raw!r}, task {state['task']}) cannot be served on image files")
+    return model, cfg, state
+
+
+def _lineage(finetune_run_id: str, run, ckpt: Path, cfg, state: dict[str, Any]) -> dict[str, str]:
+    """The version's lineage.* and trained_on.* tags: runs, manifests and their digests, code, training settings."""
+    params, rtags = run.data.params, run.data.tags
+    pretrain = str(state.get("pretrain_checkpoint") or rtags.get("pretrain_checkpoint") or params.get("source") or "unknown")
+    pre = _pretrain_lineage(pretrain)
+    ft_manifest = params.get("manifest")
+    pre_manifest = cfg.data.manifest or (pre["pretrain_manifest"] if pre["pretrain_manifest"] not in ("unknown", "none") else None)
+    code = _code_version()
+    return {
+        "lineage.finetune_run_id": finetune_run_id,
+        "lineage.finetune_experiment_id": run.info.experiment_id,
+        "lineage.finetune_run_name": run.info.run_name or "",
+        "lineage.finetune_code_commit": rtags.get("mlflow.source.git.commit", "unknown"),
+        "lineage.pretrain_checkpoint": pretrain,
+        "lineage.pretrain_run_id": pre["pretrain_run_id"],
+        "lineage.pretrain_manifest": str(pre_manifest or "unknown"),
+        "lineage.pretrain_manifest_sha256": _file_sha256_or_note(pre_manifest),
+        "lineage.finetune_manifest": str(ft_manifest or "unknown"),
+        "lineage.finetune_manifest_sha256": _file_sha256_or_note(ft_manifest),
+        "lineage.checkpoint_sha256": _sha256(ckpt),
+        "lineage.code_commit": code["code_commit"],
+        "lineage.code_version": code["code_version"],
+        "trained_on.task": str(state.get("task")),
+        "trained_on.mode": str(state.get("mode", "unknown")),
+        "trained_on.labels": str(state.get("labels", "unknown")),
+        "trained_on.steps": str(state.get("steps", "unknown")),
+        "trained_on.crop": str(state.get("crop", "unknown")),
+        "trained_on.seed": str(state.get("seed", "unknown")),
+        "trained_on.split": str(params.get("split", "unknown")),
+        "trained_on.data": str(ft_manifest or "unknown"),
+        "trained_on.label_l1": str(state.get("label_l1", "unknown")),
+        "trained_on.model": f"{cfg.model.name} width={cfg.model.width} depth={cfg.model.depth} in_channels={cfg.model.in_channels}",
+        "trained_on.head": f"{state['head']['kind']}/{state['head']['out_channels']}" if state.get("head") else "pre-training head",
+    }
+
+
+def _eval_tags(ev: dict[str, Any], eval_data: str | os.PathLike, eval_task: str, eval_limit: int | None) -> dict[str, str]:
+    """The version's eval.* tags: the folder, its fingerprint and the mean scores measured on it."""
+    return {
+        "eval.task": str(ev["task"]),
+        "eval.data": str(Path(eval_data).resolve()),
+        "eval.fingerprint": eval_fingerprint(eval_data, eval_task, eval_limit),
+        "eval.limit": str(eval_limit),
+        "eval.n": str(ev["n"]),
+        "eval.psnr": f"{ev['psnr_mean']:.6f}",
+        "eval.ssim": f"{ev['ssim_mean']:.6f}",
+        "eval.psnr_input": f"{ev['psnr_input_mean']:.6f}",
+        "eval.ssim_input": f"{ev['ssim_input_mean']:.6f}",
+    }
+
+
+def _log_denoiser(client, uri: str, run, finetune_run_id: str, name: str, ckpt: Path, info: dict[str, str],
+                  description: str, ev: dict[str, Any] | None, tile: int, overlap: int):
+    """Log the pyfunc model (and the eval metrics) in a new run nested under the fine-tuning run: (model info, run id)."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from rcl_dist.models.io import load_checkpoint
-
-    if not name or not isinstance(name, str):
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    _check_eval_data(eval_data, eval_task)
-    client, uri = _client(tracking_uri)
     try:
-        run = client.get_run(finetune_run_id)
+        reg_run = client.create_run(
+            run.info.experiment_id,
+            run_name=f"register-{name}",
+            tags={"mlflow.parentRunId": finetune_run_id, "rcl_dist.kind": "register", "registered_model": name,
+                  "mlflow.note.content": description, **{k: _tag(v) for k, v in info.items()}},
+        )  # fmt: skip
     except MlflowException as e:
-        raise ValueError(f"fine-tuning run {finetune_run_id!r} not found at {uri}: {mlflow_error(e)}") from None
-
-    with tempfile.TemporaryDirectory(prefix="rcl-register-") as tmp:
-        ckpt = _download_checkpoint(client, run, Path(tmp) / "download")
-        model, cfg, state = load_checkpoint(ckpt)
-        if "task" not in state:
-            raise ValueError(
-                f"run {finetune_run_id}: {ckpt.name} is not a fine-tuned checkpoint (no 'task' entry): "
-                "register the output of `rcl-dist finetune`"
-            )
-        if getattr(model, "raw", None) is not None:
-            raise ValueError(f"run {finetune_run_id}: a RAW-input model (raw={model.raw!r}, task {state['task']}) cannot be served on image files")
-        ev = _evaluate(model, eval_data, eval_task, eval_limit) if eval_data is not None else None
-
-        params, rtags = run.data.params, run.data.tags
-        pretrain = str(state.get("pretrain_checkpoint") or rtags.get("pretrain_checkpoint") or params.get("source") or "unknown")
-        pre = _pretrain_lineage(pretrain)
-        ft_manifest = params.get("manifest")
-        pre_manifest = cfg.data.manifest or (pre["pretrain_manifest"] if pre["pretrain_manifest"] not in ("unknown", "none") else None)
-        code = _code_version()
-        info: dict[str, str] = {
-            "lineage.finetune_run_id": finetune_run_id,
-            "lineage.finetune_experiment_id": run.info.experiment_id,
-            "lineage.finetune_run_name": run.info.run_name or "",
-            "lineage.finetune_code_commit": rtags.get("mlflow.source.git.commit", "unknown"),
-            "lineage.pretrain_checkpoint": pretrain,
-            "lineage.pretrain_run_id": pre["pretrain_run_id"],
-            "lineage.pretrain_manifest": str(pre_manifest or "unknown"),
-            "lineage.pretrain_manifest_sha256": _file_sha256_or_note(pre_manifest),
-            "lineage.finetune_manifest": str(ft_manifest or "unknown"),
-            "lineage.finetune_manifest_sha256": _file_sha256_or_note(ft_manifest),
-            "lineage.checkpoint_sha256": _sha256(ckpt),
-            "lineage.code_commit": code["code_commit"],
-            "lineage.code_version": code["code_version"],
-            "trained_on.task": str(state.get("task")),
-            "trained_on.mode": str(state.get("mode", "unknown")),
-            "trained_on.labels": str(state.get("labels", "unknown")),
-            "trained_on.steps": str(state.get("steps", "unknown")),
-            "trained_on.crop": str(state.get("crop", "unknown")),
-            "trained_on.seed": str(state.get("seed", "unknown")),
-            "trained_on.split": str(params.get("split", "unknown")),
-            "trained_on.data": str(ft_manifest or "unknown"),
-            "trained_on.label_l1": str(state.get("label_l1", "unknown")),
-            "trained_on.model": f"{cfg.model.name} width={cfg.model.width} depth={cfg.model.depth} in_channels={cfg.model.in_channels}",
-            "trained_on.head": f"{state['head']['kind']}/{state['head']['out_channels']}" if state.get("head") else "pre-training head",
-        }
+        raise ValueError(f"cannot create the registering run at {uri}: {mlflow_error(e)}") from None
+    reg_run_id = reg_run.info.run_id
+    status = "FAILED"
+    try:
         if ev is not None:
-            info.update({
-                "eval.task": str(ev["task"]),
-                "eval.data": str(Path(eval_data).resolve()),
-                "eval.fingerprint": eval_fingerprint(eval_data, eval_task, eval_limit),
-                "eval.limit": str(eval_limit),
-                "eval.n": str(ev["n"]),
-                "eval.psnr": f"{ev['psnr_mean']:.6f}",
-                "eval.ssim": f"{ev['ssim_mean']:.6f}",
-                "eval.psnr_input": f"{ev['psnr_input_mean']:.6f}",
-                "eval.ssim_input": f"{ev['ssim_input_mean']:.6f}",
-            })  # fmt: skip
-        description = _describe(info, cfg, ev)
+            client.log_batch(reg_run_id, metrics=[
+                Metric(f"eval_{k}", float(ev[k]), int(datetime.datetime.now().timestamp() * 1000), 0)
+                for k in ("psnr_mean", "ssim_mean", "psnr_input_mean", "ssim_input_mean")
+            ])  # fmt: skip
+        with global_uris(uri), mlflow.start_run(run_id=reg_run_id, nested=True):
+            model_info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                **pyfunc_model_args(ckpt, tile, overlap),
+                pip_requirements=runtime_requirements(),
+                signature=model_signature(tile, overlap),
+                input_example=input_example(),
+                metadata={"rcl_dist": {k: v for k, v in info.items()}},
+            )
+        status = "FINISHED"
+    except MlflowException as e:
+        raise ValueError(f"cannot log the model in run {reg_run_id} at {uri}: {mlflow_error(e)}") from None
+    finally:
+        client.set_terminated(reg_run_id, status)
+    return model_info, reg_run_id
 
-        try:
-            reg_run = client.create_run(
-                run.info.experiment_id,
-                run_name=f"register-{name}",
-                tags={"mlflow.parentRunId": finetune_run_id, "rcl_dist.kind": "register", "registered_model": name,
-                      "mlflow.note.content": description, **{k: _tag(v) for k, v in info.items()}},
-            )  # fmt: skip
-        except MlflowException as e:
-            raise ValueError(f"cannot create the registering run at {uri}: {mlflow_error(e)}") from None
-        reg_run_id = reg_run.info.run_id
-        status = "FAILED"
-        try:
-            if ev is not None:
-                client.log_batch(reg_run_id, metrics=[
-                    Metric(f"eval_{k}", float(ev[k]), int(datetime.datetime.now().timestamp() * 1000), 0)
-                    for k in ("psnr_mean", "ssim_mean", "psnr_input_mean", "ssim_input_mean")
-                ])  # fmt: skip
-            with global_uris(uri), mlflow.start_run(run_id=reg_run_id, nested=True):
-                model_info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT,
-                    **pyfunc_model_args(ckpt, tile, overlap),
-                    pip_requirements=runtime_requirements(),
-                    signature=model_signature(tile, overlap),
-                    input_example=input_example(),
-                    metadata={"rcl_dist": {k: v for k, v in info.items()}},
-                )
-            status = "FINISHED"
-        except MlflowException as e:
-            raise ValueError(f"cannot log the model in run {reg_run_id} at {uri}: {mlflow_error(e)}") from None
-        finally:
-            client.set_terminated(reg_run_id, status)
+
+def _new_version(client, uri: str, name: str, model_info, reg_run_id: str, info: dict[str, str], description: str):
+    """Create the registered model if new and a version of it from the logged model, tagged with ``info``."""
+    from mlflow.exceptions import MlflowException
 
     try:
         try:
@@ -337,7 +323,132 @@ def register(
         raise ValueError(f"cannot register {name!r} at {uri}: {mlflow_error(e)}") from None
 
 
+def register(
+    finetune_run_id: str,
+    name: str,
+    *,
+    tracking_uri: str | None = None,
+    eval_data: str | os.PathLike | None = None,
+    eval_task: str = "denoise",
+    eval_limit: int | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+):
+    """Register the fine-tuned checkpoint of MLflow run ``finetune_run_id`` as a new version of ``name``.
+
+    Logs a :class:`rcl_dist.serving.DenoiserModel` pyfunc model (artifact ``denoiser``) in a new run nested under the
+    fine-tuning run (see ``docs/registry.md``), registers it, and tags the version with its lineage,
+    training description and (``eval_data`` given) its evaluation on that folder. ``tile``/``overlap``:
+    the served model's default tiling. Returns the :class:`mlflow.entities.model_registry.ModelVersion`
+    (with its tags). Raises ``ValueError`` (unknown run, no checkpoint, a RAW-input model, an MLflow
+    error, with the reason) or ``FileNotFoundError`` (``eval_data`` missing) before logging anything.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    _check_eval_data(eval_data, eval_task)
+    client, uri = _client(tracking_uri)
+    try:
+        run = client.get_run(finetune_run_id)
+    except MlflowException as e:
+        raise ValueError(f"fine-tuning run {finetune_run_id!r} not found at {uri}: {mlflow_error(e)}") from None
+
+    with tempfile.TemporaryDirectory(prefix="rcl-register-") as tmp:
+        ckpt = _download_checkpoint(client, run, Path(tmp) / "download")
+        model, cfg, state = _load_finetuned(ckpt, finetune_run_id)
+        ev = _evaluate(model, eval_data, eval_task, eval_limit) if eval_data is not None else None
+        info = _lineage(finetune_run_id, run, ckpt, cfg, state)
+        if ev is not None:
+            info.update(_eval_tags(ev, eval_data, eval_task, eval_limit))
+        description = _describe(info, cfg, ev)
+        model_info, reg_run_id = _log_denoiser(
+            client, uri, run, finetune_run_id, name, ckpt, info, description, ev, tile, overlap
+        )
+    return _new_version(client, uri, name, model_info, reg_run_id, info, description)
+
+
 # ---------------------------------------------------------------------------------------------- promote
+def _check_promote_args(eval_data, eval_task: str, version: int | str, alias: str) -> str:
+    """Refuse a missing evaluation folder, a non-numeric version or a malformed alias; the version as text."""
+    if eval_data is None:
+        raise ValueError("promote needs eval_data: the evaluation folder both versions are measured on")
+    _check_eval_data(eval_data, eval_task)
+    version = str(version)
+    if not version.isdigit():
+        raise ValueError(f"version must be a version number, got {version!r}")
+    if not alias or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
+        raise ValueError(f"alias must be letters, digits, '_' or '-', got {alias!r}")
+    return version
+
+
+def _decide(cand: dict[str, Any], held: dict[str, Any] | None, holder: str | None, version: str, alias: str,
+            force: bool) -> tuple[str, bool, str]:
+    """(decision, promoted, reason): whether the candidate takes ``alias`` from its holder, by mean PSNR or force."""
+    if holder == version:
+        decision, promoted, reason = "already-holder", True, f"version {version} already holds @{alias}"
+    elif holder is None:
+        decision, promoted, reason = "no-holder", True, f"@{alias} was not set"
+    elif cand["psnr_mean"] > held["psnr_mean"]:
+        decision, promoted, reason = "promoted", True, (
+            f"candidate PSNR {cand['psnr_mean']:.4f} dB > holder v{holder} {held['psnr_mean']:.4f} dB"
+        )
+    elif force:
+        decision, promoted, reason = "forced", True, (
+            f"forced: candidate PSNR {cand['psnr_mean']:.4f} dB <= holder v{holder} {held['psnr_mean']:.4f} dB"
+        )
+    else:
+        decision, promoted, reason = "rejected", False, (
+            f"candidate PSNR {cand['psnr_mean']:.4f} dB <= holder v{holder} {held['psnr_mean']:.4f} dB: @{alias} unchanged"
+        )
+    if force and decision == "promoted":
+        reason += " (force was not needed)"
+    return decision, promoted, reason
+
+
+def _record_promotion(client, uri: str, record: dict[str, Any]) -> None:
+    """Move the alias when promoted and write the decision as tags on both versions and the model."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version, holder = record["name"], record["alias"], record["candidate_version"], record["holder_version"]
+    promoted, now, fingerprint = record["promoted"], record["time"], record["eval_fingerprint"]
+    fmt = lambda v: "none" if v is None else f"{v:.6f}"  # noqa: E731
+    p = f"promotion.{alias}"
+    try:
+        if promoted and holder != version:
+            client.set_registered_model_alias(name, alias, version)
+        cand_tags = {
+            f"{p}.decision": record["decision"],
+            f"{p}.promoted": str(promoted).lower(),
+            f"{p}.candidate_psnr": fmt(record["candidate_psnr"]),
+            f"{p}.holder_psnr": fmt(record["holder_psnr"]),
+            f"{p}.candidate_ssim": fmt(record["candidate_ssim"]),
+            f"{p}.holder_ssim": fmt(record["holder_ssim"]),
+            f"{p}.holder_version": str(holder) if holder is not None else "none",
+            f"{p}.n_images": str(record["n_images"]),
+            f"{p}.eval_data": record["eval_data"],
+            f"{p}.eval_fingerprint": fingerprint,
+            f"{p}.reason": record["reason"],
+            f"{p}.time": now,
+        }
+        for k, v in cand_tags.items():
+            client.set_model_version_tag(name, version, k, _tag(v))
+        if holder is not None and holder != version:
+            holder_tags = {
+                f"{p}.challenge.by_version": version,
+                f"{p}.challenge.outcome": "replaced" if promoted else "kept",
+                f"{p}.challenge.holder_psnr": fmt(record["holder_psnr"]),
+                f"{p}.challenge.candidate_psnr": fmt(record["candidate_psnr"]),
+                f"{p}.challenge.eval_fingerprint": fingerprint,
+                f"{p}.challenge.time": now,
+            }
+            for k, v in holder_tags.items():
+                client.set_model_version_tag(name, holder, k, _tag(v))
+        client.set_registered_model_tag(name, f"{p}.last", _tag(record))
+    except MlflowException as e:
+        raise ValueError(f"promote {name!r} v{version} to @{alias} at {uri}: {mlflow_error(e)}") from None
+
+
 def promote(
     name: str,
     version: int | str,
@@ -363,14 +474,7 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    if eval_data is None:
-        raise ValueError("promote needs eval_data: the evaluation folder both versions are measured on")
-    _check_eval_data(eval_data, eval_task)
-    version = str(version)
-    if not version.isdigit():
-        raise ValueError(f"version must be a version number, got {version!r}")
-    if not alias or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
-        raise ValueError(f"alias must be letters, digits, '_' or '-', got {alias!r}")
+    version = _check_promote_args(eval_data, eval_task, version, alias)
     client, uri = _client(tracking_uri)
     try:
         client.get_model_version(name, version)
@@ -389,25 +493,7 @@ def promote(
     elif holder == version:
         held = cand
 
-    if holder == version:
-        decision, promoted, reason = "already-holder", True, f"version {version} already holds @{alias}"
-    elif holder is None:
-        decision, promoted, reason = "no-holder", True, f"@{alias} was not set"
-    elif cand["psnr_mean"] > held["psnr_mean"]:
-        decision, promoted, reason = "promoted", True, (
-            f"candidate PSNR {cand['psnr_mean']:.4f} dB > holder v{holder} {held['psnr_mean']:.4f} dB"
-        )
-    elif force:
-        decision, promoted, reason = "forced", True, (
-            f"forced: candidate PSNR {cand['psnr_mean']:.4f} dB <= holder v{holder} {held['psnr_mean']:.4f} dB"
-        )
-    else:
-        decision, promoted, reason = "rejected", False, (
-            f"candidate PSNR {cand['psnr_mean']:.4f} dB <= holder v{holder} {held['psnr_mean']:.4f} dB: @{alias} unchanged"
-        )
-    if force and decision == "promoted":
-        reason += " (force was not needed)"
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    decision, promoted, reason = _decide(cand, held, holder, version, alias, force)
     record: dict[str, Any] = {
         "name": name,
         "alias": alias,
@@ -426,43 +512,9 @@ def promote(
         "promoted": promoted,
         "decision": decision,
         "reason": reason,
-        "time": now,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    fmt = lambda v: "none" if v is None else f"{v:.6f}"  # noqa: E731
-    p = f"promotion.{alias}"
-    try:
-        if promoted and holder != version:
-            client.set_registered_model_alias(name, alias, version)
-        cand_tags = {
-            f"{p}.decision": decision,
-            f"{p}.promoted": str(promoted).lower(),
-            f"{p}.candidate_psnr": fmt(record["candidate_psnr"]),
-            f"{p}.holder_psnr": fmt(record["holder_psnr"]),
-            f"{p}.candidate_ssim": fmt(record["candidate_ssim"]),
-            f"{p}.holder_ssim": fmt(record["holder_ssim"]),
-            f"{p}.holder_version": str(holder) if holder is not None else "none",
-            f"{p}.n_images": str(record["n_images"]),
-            f"{p}.eval_data": record["eval_data"],
-            f"{p}.eval_fingerprint": fingerprint,
-            f"{p}.reason": reason,
-            f"{p}.time": now,
-        }
-        for k, v in cand_tags.items():
-            client.set_model_version_tag(name, version, k, _tag(v))
-        if holder is not None and holder != version:
-            holder_tags = {
-                f"{p}.challenge.by_version": version,
-                f"{p}.challenge.outcome": "replaced" if promoted else "kept",
-                f"{p}.challenge.holder_psnr": fmt(record["holder_psnr"]),
-                f"{p}.challenge.candidate_psnr": fmt(record["candidate_psnr"]),
-                f"{p}.challenge.eval_fingerprint": fingerprint,
-                f"{p}.challenge.time": now,
-            }
-            for k, v in holder_tags.items():
-                client.set_model_version_tag(name, holder, k, _tag(v))
-        client.set_registered_model_tag(name, f"{p}.last", _tag(record))
-    except MlflowException as e:
-        raise ValueError(f"promote {name!r} v{version} to @{alias} at {uri}: {mlflow_error(e)}") from None
+    _record_promotion(client, uri, record)
     return record
 
 

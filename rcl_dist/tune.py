@@ -18,14 +18,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rcl_dist.config import Config, ConfigError
+from rcl_dist.tune_report import SweepResult, git_commit, trial_markdown, write_report
 from rcl_dist.tune_space import Param, SweepSpace, set_key
 
 __all__ = ["run_sweep", "SweepResult", "trial_config", "best_config_dict", "write_report"]
@@ -114,20 +114,6 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
-
-
-@dataclass
-class SweepResult:
-    name: str
-    path: str  # the Tune experiment folder
-    table: list[dict[str, Any]]  # one row per trial (see _trial_rows)
-    best: dict[str, Any] | None  # the best row
-    best_config_path: str | None
-    default: dict[str, Any] | None  # the default-config row (include_default)
-    parent_run_id: str | None
-    tracking_uri: str | None
-    seconds: float
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def _interrupted(grid, space: SweepSpace) -> bool:
@@ -313,17 +299,6 @@ def _plot(space: SweepSpace, rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v).replace("|", "/")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def best_config_dict(space: SweepSpace, params: dict[str, Any], manifest: str) -> dict[str, Any]:
     """The best trial's config for a fresh ``rcl-dist pretrain --config``: same settings, full step
     budget, no sweep-specific run name, storage or derived manifest."""
@@ -337,38 +312,25 @@ def best_config_dict(space: SweepSpace, params: dict[str, Any], manifest: str) -
     return Config.from_dict(cfg).to_dict()
 
 
-def run_sweep(
-    space: SweepSpace,
-    *,
-    resume: bool = False,
-    tracking_uri: str | None = None,
-    storage: str | os.PathLike | None = None,
-    log: Callable[[str], None] = print,
-) -> SweepResult:
-    """Run (or ``resume``) the sweep of ``space``; see the module docstring and ``docs/sweeps.md``."""
-    from ray import tune
-    from ray.tune import RunConfig as TuneRunConfig, TuneConfig, Tuner
+def _start_ray(space: SweepSpace, log: Callable[[str], None]) -> SweepSpace:
+    """Ray first: a request it cannot meet fails here, before any run or folder is created; the space with the
+    concurrency that fits."""
+    from rcl_dist.train.launch import check_gpus, ensure_ray
 
-    from rcl_dist.paths import rcl_home
-    from rcl_dist.train.launch import check_gpus, ensure_manifest, ensure_ray
-    from rcl_dist.train.validate import validation_images
-
-    storage = Path(storage or rcl_home() / "sweeps").expanduser().resolve()
-    exp_dir = storage / space.name
-    state_file = exp_dir / STATE_FILE
-    trials_dir = exp_dir / "trials"
-    if resume and not state_file.is_file():
-        raise ConfigError(f"--resume: no sweep {space.name!r} under {storage} (missing {state_file})")
-    if not resume and exp_dir.exists():
-        raise ConfigError(f"sweep {space.name!r} already exists under {storage}: pass --resume, or another name= ")
-
-    # Ray first: a request it cannot meet fails here, before any run or folder is created
     res = space.resources
     per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
     check_gpus(res["workers"] if res["use_gpu"] else 0, "resources.use_gpu")
-    space = fit_concurrency(space, log)
-    t0 = time.perf_counter()
+    return fit_concurrency(space, log)
+
+
+def _open_sweep(space: SweepSpace, resume: bool, exp_dir: Path, tracking_uri: str | None, log: Callable[[str], None]):
+    """(space, manifest, parent run id, tracking URI, tracker): a resumed sweep's stored ones reopened, or the
+    inputs checked, a new parent MLflow run (tracking on) and the sweep's state file."""
+    from rcl_dist.train.launch import ensure_manifest
+    from rcl_dist.train.validate import validation_images
+
+    state_file = exp_dir / STATE_FILE
     tracker = None
     if resume:
         state = json.loads(state_file.read_text())
@@ -381,45 +343,84 @@ def run_sweep(
             from rcl_dist.tracking import RunTracker
 
             tracker = RunTracker.start(uri, space.experiment, None, None, run_id=parent_id)
-    else:
-        base_cfg = Config.from_dict(space.base)
-        manifest = str(ensure_manifest(base_cfg, log))
-        validation_images(manifest, space.objective.get("val_split", "val"), 1)  # fails now, not in every trial
-        parent_id, uri = None, None
-        if base_cfg.tracking.enabled:
-            from rcl_dist.paths import resolve_tracking_uri
-            from rcl_dist.tracking import RunTracker
+        return space, manifest, parent_id, uri, tracker
+    base_cfg = Config.from_dict(space.base)
+    manifest = str(ensure_manifest(base_cfg, log))
+    validation_images(manifest, space.objective.get("val_split", "val"), 1)  # fails now, not in every trial
+    parent_id, uri = None, None
+    if base_cfg.tracking.enabled:
+        from rcl_dist.paths import resolve_tracking_uri
+        from rcl_dist.tracking import RunTracker
 
-            uri = resolve_tracking_uri(tracking_uri or base_cfg.tracking.uri)
-            tracker = RunTracker.start(uri, space.experiment, space.name, space.to_dict(), tags={"sweep.name": space.name})
-            parent_id = tracker.run_id
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"manifest": manifest, "parent_run_id": parent_id, "tracking_uri": uri,
-                                          "space": space.to_dict(), "commit": _git_commit()}, default=list))  # fmt: skip
+        uri = resolve_tracking_uri(tracking_uri or base_cfg.tracking.uri)
+        tracker = RunTracker.start(uri, space.experiment, space.name, space.to_dict(), tags={"sweep.name": space.name})
+        parent_id = tracker.run_id
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"manifest": manifest, "parent_run_id": parent_id, "tracking_uri": uri,
+                                      "space": space.to_dict(), "commit": git_commit()}, default=list))  # fmt: skip
+    return space, manifest, parent_id, uri, tracker
+
+
+def _tuner(space: SweepSpace, trainable, resume: bool, storage: Path, exp_dir: Path, log: Callable[[str], None]):
+    """The Tuner: restored from the experiment folder on ``--resume`` (where Tune saved one), else a new one."""
+    from ray.tune import RunConfig as TuneRunConfig, TuneConfig, Tuner
+
+    param_space = {p.key: p.domain() for p in space.params}
+    if resume and Tuner.can_restore(str(exp_dir)):
+        log(f"sweep {space.name}: resuming {exp_dir}")
+        return Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False,
+                             restart_errored=False, param_space=param_space)  # fmt: skip
+    return Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=TuneConfig(
+            metric=space.metric, mode="max", scheduler=_scheduler(space), search_alg=_searcher(space),
+            num_samples=space.trials,  # concurrency: the search algorithm's own limit
+        ),  # fmt: skip
+        run_config=TuneRunConfig(
+            name=space.name, storage_path=str(storage), callbacks=[_placement_group_cleanup(exp_dir / "trials")]
+        ),
+    )
+
+
+def run_sweep(
+    space: SweepSpace,
+    *,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    storage: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run (or ``resume``) the sweep of ``space``; see the module docstring and ``docs/sweeps.md``."""
+    from ray import tune
+
+    from rcl_dist.paths import rcl_home
+
+    # 1. the sweep's folder: new, or the one to resume
+    storage = Path(storage or rcl_home() / "sweeps").expanduser().resolve()
+    exp_dir = storage / space.name
+    state_file = exp_dir / STATE_FILE
+    trials_dir = exp_dir / "trials"
+    if resume and not state_file.is_file():
+        raise ConfigError(f"--resume: no sweep {space.name!r} under {storage} (missing {state_file})")
+    if not resume and exp_dir.exists():
+        raise ConfigError(f"sweep {space.name!r} already exists under {storage}: pass --resume, or another name= ")
+
+    # 2. Ray, 3. the inputs and the sweep's record
+    space = _start_ray(space, log)
+    driver_cpus = space.resources["driver_cpus"]  # of the space given now, also when a resume uses the stored one
+    t0 = time.perf_counter()
+    space, manifest, parent_id, uri, tracker = _open_sweep(space, resume, exp_dir, tracking_uri, log)
     trials_dir.mkdir(parents=True, exist_ok=True)
 
+    # 4. fit the trials and write the results
     default_point = space.default_point() if space.include_default else {}
     ctx = {"space": space.to_dict(), "manifest": manifest, "trials_dir": str(trials_dir), "tracking_uri": uri,
            "parent_run_id": parent_id, "default_point": default_point}  # fmt: skip
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": res["driver_cpus"]})
-    param_space = {p.key: p.domain() for p in space.params}
-    callbacks = [_placement_group_cleanup(trials_dir)]
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": driver_cpus})
     status = "FAILED"
     try:
-        if resume and Tuner.can_restore(str(exp_dir)):
-            log(f"sweep {space.name}: resuming {exp_dir}")
-            tuner = Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False, param_space=param_space)  # fmt: skip
-        else:
-            tuner = Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=TuneConfig(
-                    metric=space.metric, mode="max", scheduler=_scheduler(space), search_alg=_searcher(space),
-                    num_samples=space.trials,  # concurrency: the search algorithm's own limit
-                ),  # fmt: skip
-                run_config=TuneRunConfig(name=space.name, storage_path=str(storage), callbacks=callbacks),
-            )
+        tuner = _tuner(space, trainable, resume, storage, exp_dir, log)
         log(f"sweep {space.name}: {space.trials} trials, {space.concurrency} at a time, {space.rounds} rounds of "
             f"{space.steps_per_round} steps; Tune experiment {exp_dir}" + (f", MLflow parent run {parent_id} at {uri}" if parent_id else ""))  # fmt: skip
         grid = tuner.fit()
@@ -436,6 +437,8 @@ def run_sweep(
     finally:
         if tracker is not None:
             tracker.end(status)
+
+    # 5. this session's totals
     result.parent_run_id, result.tracking_uri = parent_id, uri
     result.seconds = time.perf_counter() - t0
     if tracker is not None:
@@ -455,7 +458,7 @@ def _finish(space: SweepSpace, rows: list[dict[str, Any]], exp_dir: Path, manife
     default = next((r for r in rows if r["default"]), None)
     rows.sort(key=lambda r: (r[m] is None, -(r[m] or 0.0)))
     columns = ["trial", "status", "rounds", m, *[p.key for p in space.params], "default", "error"]
-    md = _markdown(rows, columns)
+    md = trial_markdown(rows, columns)
     (exp_dir / "trials.md").write_text(md)
     keys = list(rows[0]) if rows else columns
     pq.write_table(pa.Table.from_pylist([{k: (json.dumps(r[k]) if isinstance(r[k], (list, dict)) else r[k]) for k in keys} for r in rows]),
@@ -517,70 +520,3 @@ def _finish(space: SweepSpace, rows: list[dict[str, Any]], exp_dir: Path, manife
             if client.get_run(rid).info.status != final[r["status"]]:
                 client.set_terminated(rid, final[r["status"]])
     return SweepResult(space.name, str(exp_dir), rows, best, str(best_path) if best_path else None, default, None, uri, 0.0, summary)
-
-
-def _git_commit() -> str:
-    """The checkout's short commit, with '+' when the working tree has uncommitted changes."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+" if dirty else "")
-
-
-def write_report(result: SweepResult, space: SweepSpace, prefix: str | os.PathLike, command: Sequence[str]) -> Path:
-    """``PREFIX.md`` (command, commit, machine, wall time, summary, trial table), ``PREFIX.csv``,
-    ``.parquet``, ``.json``, ``.png`` and ``PREFIX_best_config.yaml``, copied from the sweep folder."""
-    import platform
-    import shlex
-    import shutil
-
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    exp = Path(result.path)
-    for src, suffix in (("trials.csv", ".csv"), ("trials.parquet", ".parquet"), ("objective.png", ".png"),
-                        ("best_config.yaml", "_best_config.yaml")):  # fmt: skip
-        if (exp / src).is_file():
-            shutil.copyfile(exp / src, prefix.with_name(prefix.name + suffix))
-    commit = result.summary.get("code_commit") or _git_commit()
-    machine = f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    s, m = result.summary, space.metric
-    lines = [
-        f"# Sweep `{space.name}` ({space.source})", "",
-        f"- command: `{shlex.join(command)}`",
-        f"- code: commit {commit} (at the sweep's start; '+' = uncommitted changes); machine: {machine}",
-        f"- wall time (this session of the sweep): {result.seconds / 60:.1f} min",
-        f"- trials: {s.get('trials')} ({s.get('finished')} finished, {s.get('stopped')} stopped early by "
-        f"{space.scheduler['type'].upper()}, {s.get('failed')} failed); {space.rounds} rounds of {space.steps_per_round} "
-        f"pre-training steps, search {space.search_alg['type']}, {space.concurrency} at a time",
-        f"- objective: {m} of proxy denoising on {space.objective.get('val_images', 8)} whole images of the "
-        f"manifest's '{space.objective.get('val_split', 'val')}' split (fresh last layer, "
-        + (f"{space.objective.get('steps', 150)} Adam steps" if space.objective.get("fit") == "adam"
-           else f"fit {space.objective.get('fit', 'lstsq+l1')}")
-        + f" on {space.objective.get('labels', 64)} labelled crops)",
-    ]  # fmt: skip
-    if "best_value" in s:
-        lines.append(f"- best: trial {s['best_trial']}, {m} {s['best_value']:.3f} after {s['best_rounds']} rounds, "
-                     f"params {json.dumps(s['best_params'])}")  # fmt: skip
-    if "default_value" in s:
-        lines.append(f"- default config: {m} {s['default_value']:.3f} after {s['default_rounds']} rounds ({s['default_status']})")
-        if "best_minus_default_final" in s:
-            lines.append(f"- best - default: {s['best_minus_default_final']:+.3f} dB (each at its last round)"
-                         + (f", {s['best_minus_default_same_round']:+.3f} dB at the default's last round"
-                            if "best_minus_default_same_round" in s else ""))  # fmt: skip
-    columns = ["trial", "status", "rounds", m, f"{m}_per_round", *[p.key for p in space.params], "default", "error"]
-    lines += ["", "## Trials (best first)", "", _markdown(result.table, columns), "",
-              f"![objective against each parameter]({prefix.name}.png)", ""]  # fmt: skip
-    md = prefix.with_name(prefix.name + ".md")
-    md.write_text("\n".join(lines))
-    prefix.with_name(prefix.name + ".json").write_text(
-        json.dumps({"summary": s, "trials": result.table, "command": list(command), "commit": commit, "machine": machine,
-                    "seconds": result.seconds}, indent=2, default=str)  # fmt: skip
-    )
-    return md

@@ -216,11 +216,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str)
     return raw
 
 
-def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepSpace:
-    """Read and check a search space file; every error names the file and the key."""
-    from rcl_dist.train.validate import ProxyObjective
-
-    path = Path(path)
+def _read_space(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The file's mapping with the overrides applied; refuses unknown top-level keys and a bad or missing name."""
     source = str(path)
     raw = read_yaml_mapping(path, "search space file", f"a search space must be a mapping (keys: {sorted(SPACE_KEYS)})")
     raw = _apply_overrides(raw, overrides, source)
@@ -233,8 +230,12 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
     name = raw["name"]
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise _fail(source, "name", f"must be a non-empty folder-safe string, got {name!r}")
+    return raw
 
-    # the base config: config file <- fixed
+
+def _base_config(path: Path, raw: dict[str, Any], known: set[str]) -> Config:
+    """The base config every trial starts from: the config file (relative to the space file) <- fixed."""
+    source = str(path)
     base: dict[str, Any] = {}
     if raw.get("config") is not None:
         cfg_path = Path(raw["config"])
@@ -244,7 +245,6 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
             base = read_yaml_mapping(cfg_path, "config file", "a config file must be a mapping of sections")
         except ConfigError as e:
             raise _fail(source, "config", str(e)) from None
-    known = _config_keys()
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise _fail(source, "fixed", f"must be a mapping of section.key: value, got {fixed!r}")
@@ -260,16 +260,24 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
         raise ConfigError(f"{path}: base config (config + fixed): {e}") from None
     if base_cfg.model.raw is not None:
         raise _fail(source, "fixed.model.raw", "sweeps validate by RGB denoising: model.raw must be null")
-    base = base_cfg.to_dict()
+    return base_cfg
 
+
+def _search_params(source: str, raw: dict[str, Any], base: dict[str, Any], known: set[str]) -> list[Param]:
+    """The searched keys and their distributions; a key is either fixed or searched."""
     search = raw["search"]
     if not isinstance(search, dict) or not search:
         raise _fail(source, "search", "must be a non-empty mapping of section.key: distribution")
     params = [_parse_param(source, str(k), v, base, known) for k, v in search.items()]
+    fixed = raw.get("fixed") or {}
     for p in params:
         if p.key in fixed:
             raise _fail(source, f"search.{p.key}", "is also in fixed: a key is either fixed or searched")
+    return params
 
+
+def _scheduler_and_alg(source: str, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scheduler (default ASHA, grace 1, factor 2) and search algorithm (default random, seed 0) sections."""
     sched = _check_section(source, "scheduler", raw.get("scheduler", {"type": "asha"}), set().union(*SCHEDULER_KEYS.values()))
     sched.setdefault("type", "asha")
     if sched["type"] not in SCHEDULER_KEYS:
@@ -287,7 +295,11 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
     if alg["type"] not in SEARCH_ALG_KEYS:
         raise _fail(source, "search_alg.type", f"must be one of {sorted(SEARCH_ALG_KEYS)}, got {alg['type']!r}")
     _positive_int(source, "search_alg.seed", alg["seed"], 0)
+    return sched, alg
 
+
+def _resources(source: str, raw: dict[str, Any], base_cfg: Config, params: list[Param]) -> dict[str, Any]:
+    """Each trial's resources with their defaults; every batch size must split evenly over the workers."""
     res = _check_section(source, "resources", raw.get("resources"), RESOURCE_KEYS)
     res = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False, "driver_cpus": 1.0, **res}
     _positive_int(source, "resources.workers", res["workers"])
@@ -302,6 +314,12 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
     for p in params:
         if p.key == "train.batch_size" and any(v % res["workers"] for v in p.values):
             raise _fail(source, "search.train.batch_size", f"every choice must be divisible by resources.workers={res['workers']}")
+    return res
+
+
+def _objective(source: str, raw: dict[str, Any], sched: dict[str, Any]) -> tuple[dict[str, Any], str, int, int]:
+    """(proxy objective fields, metric, rounds, steps per round); ASHA's grace period must fit in the rounds."""
+    from rcl_dist.train.validate import ProxyObjective
 
     obj_fields = {f.name for f in dataclasses.fields(ProxyObjective)} - {"manifest"}
     obj = _check_section(source, "objective", raw.get("objective"), obj_fields | OBJECTIVE_EXTRA)
@@ -316,7 +334,11 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
         raise ConfigError(f"{source}: {e}") from None
     if sched["type"] == "asha" and sched["grace_period"] > rounds:
         raise _fail(source, "scheduler.grace_period", f"{sched['grace_period']} exceeds objective.rounds={rounds}")
+    return obj, metric, rounds, per_round
 
+
+def _points(source: str, raw: dict[str, Any], params: list[Param], base: dict[str, Any]) -> tuple[bool, list[dict[str, Any]]]:
+    """(include_default, the points to evaluate first): each point gives every searched key, inside its domain."""
     include_default = raw.get("include_default", True)
     if not isinstance(include_default, bool):
         raise _fail(source, "include_default", f"must be true or false, got {include_default!r}")
@@ -332,13 +354,30 @@ def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepS
             if not by_key[k].contains(v):
                 raise _fail(source, f"points[{i}].{k}", f"{v!r} is outside the searched domain")
             _check_value(source, base, k, v, f"points[{i}].{k}")
+    return include_default, list(points)
+
+
+def load_space(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SweepSpace:
+    """Read and check a search space file; every error names the file and the key."""
+    path = Path(path)
+    source = str(path)
+    raw = _read_space(path, overrides)
+    known = _config_keys()
+    base_cfg = _base_config(path, raw, known)
+    base = base_cfg.to_dict()
+    params = _search_params(source, raw, base, known)
+    sched, alg = _scheduler_and_alg(source, raw)
+    res = _resources(source, raw, base_cfg, params)
+    obj, metric, rounds, per_round = _objective(source, raw, sched)
+    include_default, points = _points(source, raw, params, base)
     space = SweepSpace(
-        name=name, source=source, base=base, params=params, include_default=include_default, points=list(points),
+        name=raw["name"], source=source, base=base, params=params, include_default=include_default, points=points,
         trials=_positive_int(source, "trials", raw.get("trials", 16)),
         concurrency=_positive_int(source, "concurrency", raw.get("concurrency", 1)),
         scheduler=sched, search_alg=alg, resources=res, objective=obj, metric=metric, rounds=rounds,
         steps_per_round=per_round, experiment=str(raw.get("experiment") or "rcl-sweep"),
     )  # fmt: skip
+    by_key = {p.key: p for p in params}
     if include_default:
         for k, v in space.default_point().items():
             if not by_key[k].contains(v):

@@ -54,18 +54,8 @@ class _Plan:
     skipped: list[str] = field(default_factory=list)
 
 
-def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir: str | os.PathLike | None) -> _Plan:
-    table = pipeline_rows(load_manifest(manifest), spec, stacklevel=4)  # split, *_real, small-image rule
-
-    fixed = spec.realisation == "fixed" and spec.task in ("pretrain", "n2n", "denoise", "jdd")
-    if spec.realisation == "fixed" and spec.task == "jdensr":
-        raise ValueError(
-            "task 'jdensr' adds noise to the LR image; a stored realisation is of the full-size image, and "
-            "downscaling it would change the noise level: use realisation='fresh'"
-        )
-    reads_image = not (fixed and spec.task in ("pretrain", "n2n"))
-    n_realisations = 2 if spec.task == "n2n" else 1
-
+def _existing(table: pa.Table, spec: PairSpec, reads_image: bool) -> tuple[pa.Table, list[str], list[str] | None, list[str]]:
+    """The rows whose files (and real partners) still exist: (rows, paths, partners, vanished files), with a warning."""
     paths = table["path"].to_pylist()
     keep = np.ones(len(paths), dtype=bool)
     skipped: list[str] = []
@@ -86,7 +76,7 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         warnings.warn(
-            f"{len(skipped)} file(s) listed in the manifest no longer exist and are skipped: {shown}", stacklevel=3
+            f"{len(skipped)} file(s) listed in the manifest no longer exist and are skipped: {shown}", stacklevel=4
         )
     if not keep.all():
         table = table.filter(pa.array(keep))
@@ -95,24 +85,42 @@ def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir:
             partners = [q for q, k in zip(partners, keep) if k]
     if table.num_rows == 0:
         raise ValueError(f"no image file of split {spec.split!r} is left to read ({len(skipped)} vanished)")
+    return table, paths, partners, skipped
 
+
+def _fixed_realisations(table: pa.Table, spec: PairSpec, simulated_dir: str | os.PathLike | None, n: int) -> list[list[str]]:
+    """The stored noisy realisations of every row, one list per realisation index; all must exist."""
+    if simulated_dir is None:
+        raise ValueError("realisation='fixed' needs simulated_dir (the --out folder of `rcl-dist data simulate`)")
+    raw = spec.raw is not None
+    ids = table["image_id"].to_pylist()
     noisy: list[list[str]] = []
-    if fixed:
-        if simulated_dir is None:
-            raise ValueError("realisation='fixed' needs simulated_dir (the --out folder of `rcl-dist data simulate`)")
-        raw = spec.raw is not None
-        ids = table["image_id"].to_pylist()
-        for index in range(n_realisations):
-            files = [str(simulated_path(simulated_dir, i, raw=raw, index=index)) for i in ids]
-            missing = [f for f in files if not os.path.isfile(f)]
-            if missing:
-                flags = (" --raw" if raw else "") + (" --pairs" if index else "")
-                raise FileNotFoundError(
-                    f"{len(missing)} fixed noisy realisation(s) missing, e.g. {missing[0]}: run "
-                    f"`rcl-dist data simulate --manifest MANIFEST --out {simulated_dir}{flags}` first"
-                )
-            noisy.append(files)
-        _check_simulated_channels(noisy[0][0], 1 if (raw or spec.gray) else 3)
+    for index in range(n):
+        files = [str(simulated_path(simulated_dir, i, raw=raw, index=index)) for i in ids]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            flags = (" --raw" if raw else "") + (" --pairs" if index else "")
+            raise FileNotFoundError(
+                f"{len(missing)} fixed noisy realisation(s) missing, e.g. {missing[0]}: run "
+                f"`rcl-dist data simulate --manifest MANIFEST --out {simulated_dir}{flags}` first"
+            )
+        noisy.append(files)
+    _check_simulated_channels(noisy[0][0], 1 if (raw or spec.gray) else 3)
+    return noisy
+
+
+def _plan(manifest: pa.Table | str | os.PathLike, spec: PairSpec, simulated_dir: str | os.PathLike | None) -> _Plan:
+    table = pipeline_rows(load_manifest(manifest), spec, stacklevel=4)  # split, *_real, small-image rule
+
+    fixed = spec.realisation == "fixed" and spec.task in ("pretrain", "n2n", "denoise", "jdd")
+    if spec.realisation == "fixed" and spec.task == "jdensr":
+        raise ValueError(
+            "task 'jdensr' adds noise to the LR image; a stored realisation is of the full-size image, and "
+            "downscaling it would change the noise level: use realisation='fresh'"
+        )
+    reads_image = not (fixed and spec.task in ("pretrain", "n2n"))
+    table, paths, partners, skipped = _existing(table, spec, reads_image)
+    noisy = _fixed_realisations(table, spec, simulated_dir, 2 if spec.task == "n2n" else 1) if fixed else []
 
     n = table.num_rows
     k = spec.num_shards
@@ -158,98 +166,105 @@ def _check_simulated_channels(path: str, channels: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
-    """The body of the pipeline (called inside ``@pipeline_def``); returns the outputs in ``spec.keys`` order."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
-    import nvidia.dali.types as types
+class _Ops:
+    """The graph's building blocks (readers, decoding, crops, mosaic, Eq. 8 noise, CHW outputs) for one pipeline.
 
-    c, s_task = spec.crop, spec.task
-    raw = spec.raw is not None
-    channels = 1 if spec.gray else 3
-    fixed = bool(plan.noisy)
-    order = plan.order
-    reader_args = dict(
-        shard_id=spec.shard_id,
-        num_shards=spec.num_shards,
-        random_shuffle=True,
-        seed=spec.seed,  # the same on every rank and in every reader of this pipeline: they stay in step
-        pad_last_batch=True,
-    )
+    Every method adds DALI operators, so they are called inside ``@pipeline_def``, in the order the graph
+    needs them (the order fixes the operators' seeds and the CPU noise draws' generators).
+    """
 
-    def to_dev(x):
-        return x.gpu() if gpu else x
+    def __init__(self, plan: _Plan, spec: PairSpec, gpu: bool) -> None:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+        import nvidia.dali.types as types
 
-    def const(a: np.ndarray):
-        return types.Constant(np.ascontiguousarray(a, dtype=np.float32), device="gpu" if gpu else "cpu")
+        self.fn, self.dmath, self.types = fn, dmath, types
+        self.plan, self.spec, self.gpu = plan, spec, gpu
+        self.raw = spec.raw is not None
+        self.channels = 1 if spec.gray else 3
+        self.fixed = bool(plan.noisy)
+        self.reader_args = dict(
+            shard_id=spec.shard_id,
+            num_shards=spec.num_shards,
+            random_shuffle=True,
+            seed=spec.seed,  # the same on every rank and in every reader of this pipeline: they stay in step
+            pad_last_batch=True,
+        )
+        self._shot = self._read = None  # the labels' Eq. 8 parameters, looked up once
+        self._noise_sources: list[Any] = []
 
-    def image_reader(files: list[str], name: str | None):
-        enc, label = fn.readers.file(files=[files[i] for i in order], labels=order, name=name, **reader_args)
-        return enc, fn.squeeze(label, axes=[0])  # [1] -> scalar row index
+    def to_dev(self, x):
+        return x.gpu() if self.gpu else x
 
-    def numpy_reader(files: list[str], name: str | None):
-        return fn.readers.numpy(files=[files[i] for i in order], name=name, **reader_args)
+    def const(self, a: np.ndarray):
+        return self.types.Constant(np.ascontiguousarray(a, dtype=np.float32), device="gpu" if self.gpu else "cpu")
 
-    def decode(enc):
-        gray_out = spec.gray and plan.gray_decode
+    def image_reader(self, files: list[str], name: str | None):
+        order = self.plan.order
+        enc, label = self.fn.readers.file(files=[files[i] for i in order], labels=order, name=name, **self.reader_args)
+        return enc, self.fn.squeeze(label, axes=[0])  # [1] -> scalar row index
+
+    def numpy_reader(self, files: list[str], name: str | None):
+        return self.fn.readers.numpy(files=[files[i] for i in self.plan.order], name=name, **self.reader_args)
+
+    def decode(self, enc):
+        fn, types, spec = self.fn, self.types, self.spec
+        gray_out = spec.gray and self.plan.gray_decode
         kind = types.GRAY if gray_out else types.RGB
-        if plan.all_8bit:
+        if self.plan.all_8bit:
             # measured on 2 CPU cores: decoding to FLOAT runs at ~780 images/s, to uint8 at ~2500/s;
             # the cast after decoding is exact (k/255 either way)
-            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=kind)
+            img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=kind)
             img = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
         else:
             # [0, 1]: /255 for 8-bit, /65535 for 16-bit files (keeps all 16 bits)
-            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=kind, dtype=types.FLOAT)
+            img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=kind, dtype=types.FLOAT)
         if spec.gray and not gray_out:
-            img = fn.reductions.sum(img * const(np.array(_LUMA)), axes=[2], keep_dims=True)
+            img = fn.reductions.sum(img * self.const(np.array(_LUMA)), axes=[2], keep_dims=True)
         return img
 
-    def hw_of_encoded(enc):
-        return fn.peek_image_shape(enc, dtype=types.FLOAT)[0:2]
+    def hw_of_encoded(self, enc):
+        return self.fn.peek_image_shape(enc, dtype=self.types.FLOAT)[0:2]
 
-    def hw_of_array(arr):
-        return arr.shape(dtype=types.FLOAT)[0:2]
+    def hw_of_array(self, arr):
+        return arr.shape(dtype=self.types.FLOAT)[0:2]
 
-    def position(n):
+    def position(self, n):
         """[2] random integers in [0, n) per axis (n: a [2] node or a Python int)."""
-        u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-        return dmath.min(dmath.floor(u * n), n - 1)  # min: u may round up to 1.0 in float32
+        u = self.fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        return self.dmath.min(self.dmath.floor(u * n), n - 1)  # min: u may round up to 1.0 in float32
 
-    def anchor(hw, size: int, even: bool):
+    def anchor(self, hw, size: int, even: bool):
         """int32 [y, x] top-left corner of a size x size window inside hw, even for RAW."""
         room = hw - float(size)  # last valid position per axis
-        a = position(dmath.floor(room / 2.0) + 1.0) * 2.0 if even else position(room + 1.0)
-        return fn.cast(a, dtype=types.INT32)
+        a = self.position(self.dmath.floor(room / 2.0) + 1.0) * 2.0 if even else self.position(room + 1.0)
+        return self.fn.cast(a, dtype=self.types.INT32)
 
-    def offset(max_shift: int, even: bool):
+    def offset(self, max_shift: int, even: bool):
         """int32 [dy, dx] in [0, max_shift] per axis (even steps for RAW; max_shift is then even)."""
-        a = position(max_shift // 2 + 1) * 2.0 if even else position(max_shift + 1)
-        return fn.cast(a, dtype=types.INT32)
+        a = self.position(max_shift // 2 + 1) * 2.0 if even else self.position(max_shift + 1)
+        return self.fn.cast(a, dtype=self.types.INT32)
 
-    def crop(x, start, size: int):
-        return fn.slice(x, start=start, shape=[size, size], axes=[0, 1])
+    def crop(self, x, start, size: int):
+        return self.fn.slice(x, start=start, shape=[size, size], axes=[0, 1])
 
-    def mosaic(rgb, size: int):
+    def mosaic(self, rgb, size: int):
         """[size, size, 3] -> [size, size, 1] RGGB (rcl_dist.noise.mosaic): per-colour masks, summed over C."""
         m = np.zeros((size, size, 3), dtype=np.float32)
         m[0::2, 0::2, 0] = 1.0  # R
         m[0::2, 1::2, 1] = 1.0  # G on the red rows
         m[1::2, 0::2, 1] = 1.0  # G on the blue rows
         m[1::2, 1::2, 2] = 1.0  # B
-        return fn.reductions.sum(rgb * const(m), axes=[2], keep_dims=True)
+        return self.fn.reductions.sum(rgb * self.const(m), axes=[2], keep_dims=True)
 
-    shot = read = None
+    def noise_params(self, label):
+        if self._shot is None:
+            fn, types, plan = self.fn, self.types, self.plan
+            self._shot = self.to_dev(_lookup(fn, types, label, plan.shot))
+            self._read = self.to_dev(_lookup(fn, types, label, plan.read))
+        return self._shot, self._read
 
-    def noise_params(label):
-        nonlocal shot, read
-        if shot is None:
-            shot, read = to_dev(_lookup(fn, types, label, plan.shot)), to_dev(_lookup(fn, types, label, plan.read))
-        return shot, read
-
-    noise_sources = []
-
-    def add_noise(x, label, hwc: tuple[int, int, int]):
+    def add_noise(self, x, label, hwc: tuple[int, int, int]):
         """Eq. 8: x + sqrt(max(shot*x + read, 0)) * N(0, 1) with the image's own (shot, read).
 
         ``hwc``: the static shape of x. On the GPU the draw is DALI's ``fn.random.normal``. On the CPU
@@ -258,89 +273,121 @@ def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
         there the N(0, 1) batch comes from a torch.Generator (seeded per rank and per draw) through an
         external source, and DALI does the arithmetic.
         """
+        spec, fn = self.spec, self.fn
         if spec.noise == "none":  # real noisy photographs: the pixels as they are
             return x
-        sh, rd = noise_params(label)
-        if gpu:
+        sh, rd = self.noise_params(label)
+        if self.gpu:
             eps = fn.random.normal(x, device="gpu")  # same shape as x, new draw per call
         else:
-            gen = torch.Generator().manual_seed(derived_seed(spec.seed, "dali-noise", str(spec.shard_id), str(len(noise_sources))))
+            n_draw = str(len(self._noise_sources))
+            gen = torch.Generator().manual_seed(derived_seed(spec.seed, "dali-noise", str(spec.shard_id), n_draw))
             shape = (spec.batch_size, *hwc)
 
             def draw():
                 return torch.randn(shape, generator=gen).numpy()
 
-            noise_sources.append(draw)
-            eps = fn.external_source(source=draw, batch=True, dtype=types.FLOAT, layout="HWC", no_copy=False)
-        return x + dmath.sqrt(dmath.max(sh * x + rd, 0.0)) * eps
+            self._noise_sources.append(draw)
+            eps = fn.external_source(source=draw, batch=True, dtype=self.types.FLOAT, layout="HWC", no_copy=False)
+        return x + self.dmath.sqrt(self.dmath.max(sh * x + rd, 0.0)) * eps
 
-    def out(x):
+    def out(self, x):
         """HWC -> CHW; a 1-channel mosaic becomes the packed planes (R, G_r, G_b, B) when asked."""
-        if raw and spec.raw == "packed":
-            h = w = c // 2
+        fn = self.fn
+        if self.raw and self.spec.raw == "packed":
+            h = w = self.spec.crop // 2
             x = fn.reshape(x, shape=[h, 2, w, 2], layout="")  # [y, dy, x, dx]
             x = fn.transpose(x, perm=[1, 3, 0, 2])  # [dy, dx, y, x]
             return fn.reshape(x, shape=[4, h, w], layout="CHW")  # plane dy*2+dx: R, G_r, G_b, B
         return fn.transpose(x, perm=[2, 0, 1])
 
-    label = None
-    if s_task == "pretrain":
-        max_shift, parent_side = crop_geometry(c, spec.overlap, even=raw)
-        if fixed:
-            arr = numpy_reader(plan.noisy[0], "Reader")
-            parent = to_dev(crop(arr, anchor(hw_of_array(arr), parent_side, raw), parent_side))
-        else:
-            enc, label = image_reader(plan.images, "Reader")
-            img = decode(enc)
-            parent = crop(img, anchor(hw_of_encoded(enc), parent_side, raw), parent_side)
-            if raw:
-                parent = mosaic(parent, parent_side)  # before the noise: noise lives in the RAW domain
-            parent = add_noise(parent, label, (parent_side, parent_side, 1 if raw else channels))  # once: both crops share it
-        q = crop(parent, offset(max_shift, raw), c)
-        k = crop(parent, offset(max_shift, raw), c)
-        outs = [out(q), out(k)]
-    elif s_task == "n2n":
-        if fixed:
-            a0 = numpy_reader(plan.noisy[0], "Reader")
-            a1 = numpy_reader(plan.noisy[1], None)
-            at = anchor(dmath.min(hw_of_array(a0), hw_of_array(a1)), c, False)
-            outs = [out(to_dev(crop(a0, at, c))), out(to_dev(crop(a1, at, c)))]
-        else:
-            enc, label = image_reader(plan.images, "Reader")
-            clean = crop(decode(enc), anchor(hw_of_encoded(enc), c, False), c)
-            outs = [out(add_noise(clean, label, (c, c, channels))), out(add_noise(clean, label, (c, c, channels)))]
-    elif s_task in ("denoise", "jdd"):
-        even = s_task == "jdd"
-        enc, label = image_reader(plan.images, "Reader")
-        hw = hw_of_encoded(enc)
-        if fixed:
-            arr = numpy_reader(plan.noisy[0], None)
-            at = anchor(dmath.min(hw, hw_of_array(arr)), c, even)
-            noisy = to_dev(crop(arr, at, c))
-            clean = crop(decode(enc), at, c)
-        else:
-            clean = crop(decode(enc), anchor(hw, c, even), c)
-            noisy = add_noise(mosaic(clean, c) if even else clean, label, (c, c, 1 if even else channels))
-        outs = [out(noisy), fn.transpose(clean, perm=[2, 0, 1])]
-    elif s_task in ("sr", "jdensr"):
-        enc, label = image_reader(plan.images, "Reader")
-        hr = crop(decode(enc), anchor(hw_of_encoded(enc), c, False), c)
-        lr_side = c // spec.scale
-        lr = fn.resize(hr, size=[lr_side, lr_side], interp_type=types.INTERP_CUBIC, antialias=True)
-        if s_task == "jdensr":
-            lr = add_noise(lr, label, (lr_side, lr_side, channels))
-        outs = [out(lr), out(hr)]
-    elif s_task == "real":
-        enc, label = image_reader(plan.images, "Reader")
-        enc_mean, _ = image_reader(plan.partners, None)
-        at = anchor(dmath.min(hw_of_encoded(enc), hw_of_encoded(enc_mean)), c, False)  # one position for both
-        outs = [out(crop(decode(enc), at, c)), out(crop(decode(enc_mean), at, c))]
-    else:  # PairSpec validates the task
-        raise AssertionError(s_task)
 
+# Each task's part of the graph: (its outputs in spec.keys order, the row-index node or None)
+
+
+def _pretrain_graph(o: _Ops):
+    """Task pretrain: two overlapping crops q, k of one noisy parent crop (noise drawn once, shared)."""
+    c, raw, label = o.spec.crop, o.raw, None
+    max_shift, parent_side = crop_geometry(c, o.spec.overlap, even=raw)
+    if o.fixed:
+        arr = o.numpy_reader(o.plan.noisy[0], "Reader")
+        parent = o.to_dev(o.crop(arr, o.anchor(o.hw_of_array(arr), parent_side, raw), parent_side))
+    else:
+        enc, label = o.image_reader(o.plan.images, "Reader")
+        img = o.decode(enc)
+        parent = o.crop(img, o.anchor(o.hw_of_encoded(enc), parent_side, raw), parent_side)
+        if raw:
+            parent = o.mosaic(parent, parent_side)  # before the noise: noise lives in the RAW domain
+        parent = o.add_noise(parent, label, (parent_side, parent_side, 1 if raw else o.channels))  # once: both crops share it
+    q = o.crop(parent, o.offset(max_shift, raw), c)
+    k = o.crop(parent, o.offset(max_shift, raw), c)
+    return [o.out(q), o.out(k)], label
+
+
+def _n2n_graph(o: _Ops):
+    """Task n2n: two independent noisy realisations of one crop."""
+    c, label = o.spec.crop, None
+    if o.fixed:
+        a0 = o.numpy_reader(o.plan.noisy[0], "Reader")
+        a1 = o.numpy_reader(o.plan.noisy[1], None)
+        at = o.anchor(o.dmath.min(o.hw_of_array(a0), o.hw_of_array(a1)), c, False)
+        return [o.out(o.to_dev(o.crop(a0, at, c))), o.out(o.to_dev(o.crop(a1, at, c)))], label
+    enc, label = o.image_reader(o.plan.images, "Reader")
+    clean = o.crop(o.decode(enc), o.anchor(o.hw_of_encoded(enc), c, False), c)
+    hwc = (c, c, o.channels)
+    return [o.out(o.add_noise(clean, label, hwc)), o.out(o.add_noise(clean, label, hwc))], label
+
+
+def _denoise_graph(o: _Ops):
+    """Tasks denoise and jdd: (noisy, clean) crops at one position; jdd's noisy one is the noisy mosaic."""
+    c, even = o.spec.crop, o.spec.task == "jdd"
+    enc, label = o.image_reader(o.plan.images, "Reader")
+    hw = o.hw_of_encoded(enc)
+    if o.fixed:
+        arr = o.numpy_reader(o.plan.noisy[0], None)
+        at = o.anchor(o.dmath.min(hw, o.hw_of_array(arr)), c, even)
+        noisy = o.to_dev(o.crop(arr, at, c))
+        clean = o.crop(o.decode(enc), at, c)
+    else:
+        clean = o.crop(o.decode(enc), o.anchor(hw, c, even), c)
+        noisy = o.add_noise(o.mosaic(clean, c) if even else clean, label, (c, c, 1 if even else o.channels))
+    return [o.out(noisy), o.fn.transpose(clean, perm=[2, 0, 1])], label
+
+
+def _sr_graph(o: _Ops):
+    """Tasks sr and jdensr: (bicubic LR, HR) crops; jdensr's LR one is noisy."""
+    c = o.spec.crop
+    enc, label = o.image_reader(o.plan.images, "Reader")
+    hr = o.crop(o.decode(enc), o.anchor(o.hw_of_encoded(enc), c, False), c)
+    lr_side = c // o.spec.scale
+    lr = o.fn.resize(hr, size=[lr_side, lr_side], interp_type=o.types.INTERP_CUBIC, antialias=True)
+    if o.spec.task == "jdensr":
+        lr = o.add_noise(lr, label, (lr_side, lr_side, o.channels))
+    return [o.out(lr), o.out(hr)], label
+
+
+def _real_graph(o: _Ops):
+    """Task real: (noisy *_real, clean *_mean) crops of a real pair at one position."""
+    c = o.spec.crop
+    enc, label = o.image_reader(o.plan.images, "Reader")
+    enc_mean, _ = o.image_reader(o.plan.partners, None)
+    at = o.anchor(o.dmath.min(o.hw_of_encoded(enc), o.hw_of_encoded(enc_mean)), c, False)  # one position for both
+    return [o.out(o.crop(o.decode(enc), at, c)), o.out(o.crop(o.decode(enc_mean), at, c))], label
+
+
+_TASK_GRAPHS = {"pretrain": _pretrain_graph, "n2n": _n2n_graph, "denoise": _denoise_graph, "jdd": _denoise_graph,
+                "sr": _sr_graph, "jdensr": _sr_graph, "real": _real_graph}  # fmt: skip
+
+
+def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
+    """The body of the pipeline (called inside ``@pipeline_def``); returns the outputs in ``spec.keys`` order."""
+    if spec.task not in _TASK_GRAPHS:  # PairSpec validates the task
+        raise AssertionError(spec.task)
+    ops = _Ops(plan, spec, gpu)
+    outs, label = _TASK_GRAPHS[spec.task](ops)
     if return_index:
         if label is None:  # fixed pretrain / n2n read no image: a file reader of the same list gives the labels
-            _, label = image_reader(plan.noisy[0], None)
+            _, label = ops.image_reader(plan.noisy[0], None)
         outs.append(label)
     return tuple(outs)
 

@@ -12,6 +12,7 @@ unchanged file is not decoded again. The validation rules and what each row reco
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -29,14 +30,15 @@ import pyarrow.parquet as pq
 
 from rcl_dist.data.files import ordered_map, write_parquet_atomic
 from rcl_dist.data.images import IMAGE_SUFFIXES, exif_orientation, read_regular_file, show_path
+from rcl_dist.data.index_rows import DUPLICATE, FILE_FIELDS, Derived, assemble, with_metadata
 from rcl_dist.data.manifest import META_KEY, SPLITS, read_manifest
-from rcl_dist.data.spec import MANIFEST_SCHEMA, NOISE_KINDS, REJECTS_SCHEMA, derived_seed
+from rcl_dist.data.spec import NOISE_KINDS, REJECTS_SCHEMA
 
 __all__ = ["IndexResult", "index_images", "rejects_path", "reason_category", "parse_folder", "REASONS", "DEFAULT_MAX_PIXELS"]
 
 DEFAULT_MAX_PIXELS = 2**28  # ~268 M pixels: larger than any photograph in the paper's data sets
 
-# Rejection categories: every rejects row's reason starts with one of these and ": ".
+# Rejection categories: every rejects row's reason starts with one of these and ": " (DUPLICATE: index_rows.py).
 UNREADABLE = "unreadable"
 ZERO_BYTE = "zero-byte"
 NOT_IMAGE = "not an image"
@@ -44,7 +46,6 @@ UNSUPPORTED = "unsupported"
 TOO_LARGE = "too large"
 TOO_SMALL = "too small"
 TRUNCATED = "truncated"
-DUPLICATE = "duplicate"
 CLEAN_REFERENCE = "clean reference"
 REASONS = (UNREADABLE, ZERO_BYTE, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, TOO_SMALL, TRUNCATED, DUPLICATE, CLEAN_REFERENCE)
 
@@ -318,87 +319,151 @@ def _pil_limits(max_pixels: int) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- derived values
 
 
-class _Derived:
-    """Per-image values that are pure functions of (base seed, sha256): split draw, NLF, noise seed."""
-
-    def __init__(self, seed: int, sampler: str, options: dict[str, float], val_fraction: float, test_fraction: float):
-        self.seed, self.sampler, self.options = seed, sampler, options
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self._cache: dict[str, tuple[float, float, float, int]] = {}
-
-    def __call__(self, sha: str) -> tuple[float, float, float, int]:
-        """(u in [0, 1) for the split, shot, read, noise_seed)."""
-        got = self._cache.get(sha)
-        if got is None:
-            import torch
-
-            from rcl_dist.noise import sample_nlf
-
-            u = derived_seed(self.seed, sha, "split") / float(1 << 63)
-            gen = torch.Generator().manual_seed(derived_seed(self.seed, sha, "nlf"))
-            p = sample_nlf(self.sampler, 1, generator=gen, **self.options)
-            got = (u, float(p.shot[0]), float(p.read[0]), derived_seed(self.seed, sha, "noise"))
-            self._cache[sha] = got
-        return got
-
-    def split(self, u: float, fixed: str | None) -> str:
-        if fixed is not None:
-            return fixed
-        if u < self.val_fraction:
-            return "val"
-        if u < self.val_fraction + self.test_fraction:
-            return "test"
-        return "train"
-
-
-_FILE_FIELDS = ("sha256", "width", "height", "channels", "bit_depth", "mode")
-
-
-def _assemble(
-    records: dict[str, tuple[dict[str, Any], str | None, int, int]], derived: _Derived
-) -> tuple[pa.Table, dict[str, str]]:
-    """Manifest table (sorted by path, duplicates resolved) from path -> (file fields, split, size, mtime)."""
-    cols: dict[str, list[Any]] = {f.name: [] for f in MANIFEST_SCHEMA}
-    kept_sha: dict[str, str] = {}
-    kept_id: dict[str, str] = {}
-    dups: dict[str, str] = {}
-    for path in sorted(records):
-        rec, fixed, size, mtime = records[path]
-        sha = rec["sha256"]
-        if sha in kept_sha:
-            dups[path] = (
-                f"{DUPLICATE}: duplicate of {kept_sha[sha]} "
-                f"(same sha256 {sha[:16]}; the first path in sorted order is kept)"
-            )
-            continue
-        image_id = sha[:16]
-        if image_id in kept_id:  # a 64-bit prefix collision: never seen, but the id must stay unique
-            dups[path] = f"{DUPLICATE}: image_id {image_id} already used by {kept_id[image_id]} (sha256 prefix collision)"
-            continue
-        kept_sha[sha], kept_id[image_id] = path, path
-        u, shot, read, noise_seed = derived(sha)
-        row = {
-            **{k: rec[k] for k in _FILE_FIELDS},
-            "path": path,
-            "image_id": image_id,
-            "split": derived.split(u, fixed),
-            "shot": shot,
-            "read": read,
-            "noise_seed": noise_seed,
-            "size_bytes": size,
-            "mtime_ns": mtime,
-        }
-        for k, v in row.items():
-            cols[k].append(v)
-    return pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA), dups
-
-
-def _with_metadata(table: pa.Table, settings: dict[str, Any]) -> pa.Table:
-    return table.replace_schema_metadata({META_KEY: json.dumps(settings, sort_keys=True).encode()})
-
-
 # ---------------------------------------------------------------------------------------------- index
 
+
+def _check_settings(dirs, *, seed, val_fraction, test_fraction, sampler, sampler_options, max_pixels, min_side,
+                    workers, noise) -> tuple[list[tuple[str, str | None]], int, Derived, dict[str, Any]]:  # fmt: skip
+    """Settings checked before any work: (folders, threads, per-image values, manifest metadata)."""
+    from rcl_dist.noise import sample_nlf
+
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]
+    folders = [parse_folder(d) for d in dirs]
+    if not folders:
+        raise ValueError("index_images: no image folder given")
+    if not (0.0 <= val_fraction <= 1.0 and 0.0 <= test_fraction <= 1.0 and val_fraction + test_fraction <= 1.0):
+        raise ValueError(
+            "need 0 <= val_fraction, test_fraction and val_fraction + test_fraction <= 1, "
+            f"got {val_fraction}, {test_fraction}"
+        )
+    if min_side < 1 or max_pixels < 1:
+        raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side}, {max_pixels}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    options = dict(sampler_options or {})
+    sample_nlf(sampler, 1, **options)  # unknown sampler or bad options: fail before any work
+    workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
+    derived = Derived(int(seed), sampler, options, float(val_fraction), float(test_fraction))
+    settings = {
+        "seed": int(seed), "sampler": sampler, "sampler_options": options, "val_fraction": float(val_fraction),
+        "test_fraction": float(test_fraction), "max_pixels": int(max_pixels), "min_side": int(min_side),
+        "folders": [[os.path.abspath(f), s] for f, s in folders], "noise": noise,
+    }  # fmt: skip
+    return folders, workers, derived, settings
+
+
+def _read_previous(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an existing manifest ``out`` by path (none when it does not exist); refuses a non-manifest."""
+    if not out.exists():
+        return {}
+    try:
+        return {r["path"]: r for r in read_manifest(out).to_pylist()}
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"{out}: exists but is not a manifest this run can update ({e}); delete it or choose another output"
+        ) from None
+
+
+def _count_dropped(out: Path, old: dict[str, dict[str, Any]], entries: dict[str, _Entry], result: IndexResult, replace: bool) -> None:
+    """Count previous rows whose file is gone or outside the folders; refuse the latter without ``replace``."""
+    for path in old.keys() - entries.keys():
+        if os.path.exists(path):
+            result.outside += 1
+        else:
+            result.removed += 1
+    if result.outside and not replace:
+        try:
+            before = [f for f, _s in json.loads((pq.read_schema(out).metadata or {}).get(META_KEY, b"{}")).get("folders", [])]
+        except (ValueError, AttributeError, TypeError):
+            before = []
+        example = sorted(p for p in old.keys() - entries.keys() if os.path.exists(p))[0]
+        raise ValueError(
+            f"{out}: already indexes {result.outside} file(s) outside the folder(s) given now"
+            + (f" (it was indexed from {', '.join(before)})" if before else "") + f", e.g. {example}; this run "
+            "would drop them: pass --replace to index only the given folders, or choose another --out"
+        )  # fmt: skip
+
+
+def _triage(entries, old, rejects, noise: str, max_pixels: int, min_side: int) -> tuple[dict, set[str], list[_Entry]]:
+    """Sort the files without decoding: (records reused from ``old``, their paths, files to inspect); rejects the rest."""
+    records: dict[str, tuple[dict[str, Any], str | None, int, int]] = {}
+    reused: set[str] = set()
+    todo: list[_Entry] = []
+    for path, e in entries.items():
+        row = old.get(path)
+        if e.error is not None:
+            rejects[path] = e.error
+        elif noise == "none" and Path(path).stem.endswith("_mean"):
+            rejects[path] = f"{CLEAN_REFERENCE}: the clean *_mean reference of a real pair, not a noisy photograph (noise='none')"
+        elif e.size == 0:
+            rejects[path] = f"{ZERO_BYTE}: the file is empty (0 bytes)"
+        elif row is not None and row["size_bytes"] == e.size and row["mtime_ns"] == e.mtime_ns:
+            w, h = row["width"], row["height"]
+            if w * h > max_pixels:
+                rejects[path] = f"{TOO_LARGE}: {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels}"
+            elif min(w, h) < min_side:
+                rejects[path] = f"{TOO_SMALL}: {w}x{h} pixels, both sides must be at least {min_side}"
+            else:
+                records[path] = ({k: row[k] for k in FILE_FIELDS}, e.split, e.size, e.mtime_ns)
+                reused.add(path)
+        else:
+            todo.append(e)
+    return records, reused, todo
+
+
+def _save_progress(out: Path, records, old, todo: list[_Entry], entries: dict[str, _Entry], derived: Derived,
+                   settings: dict[str, Any], done: int) -> None:
+    """Write the manifest with the first ``done`` files inspected; rows of files not reached yet kept from ``old``."""
+    pending = {e.path: old[e.path] for e in todo[done:] if e.path in old}
+    merged = dict(records)
+    for path, row in pending.items():
+        merged[path] = ({k: row[k] for k in FILE_FIELDS}, entries[path].split, row["size_bytes"], row["mtime_ns"])
+    write_parquet_atomic(with_metadata(assemble(merged, derived)[0], settings), out)
+
+
+def _inspect_all(todo, records, rejects, checkpoint, out, *, max_pixels, min_side, workers, checkpoint_s, log) -> None:
+    """Decode the files to inspect on ``workers`` threads into records or rejects; saves progress as it goes."""
+    done, last_save, last_log = 0, time.monotonic(), time.monotonic()
+    with _pil_limits(max_pixels), contextlib.closing(
+        ordered_map(lambda e: _inspect_file(e.path, max_pixels, min_side), todo, workers)
+    ) as results:
+        try:
+            for e, got in zip(todo, results):
+                done += 1
+                if isinstance(got, str):
+                    rejects[e.path] = got
+                else:
+                    records[e.path] = (got, e.split, e.size, e.mtime_ns)
+                now = time.monotonic()
+                if now - last_log >= 10.0:
+                    log(f"index: {done}/{len(todo)} validated, {len(rejects)} rejected so far")
+                    last_log = now
+                if now - last_save >= checkpoint_s and done < len(todo):
+                    checkpoint(done)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            checkpoint(done)
+            log(f"index: interrupted after {done}/{len(todo)} files; {out} keeps what is done, run again to go on")
+            raise
+
+
+def _write(result: IndexResult, records, reused, rejects, derived: Derived, settings: dict[str, Any]) -> pa.Table:
+    """Write the manifest and rejects tables (duplicates resolved) and count them into ``result``."""
+    table, dups = assemble(records, derived)
+    rejects.update(dups)
+    result.reused = len(reused - dups.keys())
+    result.validated = table.num_rows - result.reused
+    rej_table = pa.Table.from_pydict(
+        {"path": sorted(rejects), "reason": [rejects[p] for p in sorted(rejects)]}, schema=REJECTS_SCHEMA
+    )
+    write_parquet_atomic(with_metadata(rej_table, settings), result.rejects)
+    write_parquet_atomic(with_metadata(table, settings), result.manifest)
+    result.accepted = table.num_rows
+    result.rejected = dict(Counter(reason_category(r) for r in rejects.values()))
+    counts = Counter(table.column("split").to_pylist())
+    result.splits = {s: counts.get(s, 0) for s in SPLITS}
+    return table
 
 def index_images(
     dirs: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | None]] | str | os.PathLike,
@@ -449,144 +514,30 @@ def index_images(
     Raises FileNotFoundError for a missing folder, ValueError for bad settings, when ``out`` exists
     but is not a manifest, or (without ``replace``) when it indexes files outside the given folders.
     """
-    from rcl_dist.noise import sample_nlf
-
     t0 = time.monotonic()
     out = Path(out)
-    rej_out = rejects_path(out)
-    if isinstance(dirs, (str, os.PathLike)):
-        dirs = [dirs]
-    folders = [parse_folder(d) for d in dirs]
-    if not folders:
-        raise ValueError("index_images: no image folder given")
-    if not (0.0 <= val_fraction <= 1.0 and 0.0 <= test_fraction <= 1.0 and val_fraction + test_fraction <= 1.0):
-        raise ValueError(
-            "need 0 <= val_fraction, test_fraction and val_fraction + test_fraction <= 1, "
-            f"got {val_fraction}, {test_fraction}"
-        )
-    if min_side < 1 or max_pixels < 1:
-        raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side}, {max_pixels}")
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-    options = dict(sampler_options or {})
-    sample_nlf(sampler, 1, **options)  # unknown sampler or bad options: fail before any work
-    workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
-    derived = _Derived(int(seed), sampler, options, float(val_fraction), float(test_fraction))
-    settings = {
-        "seed": int(seed),
-        "sampler": sampler,
-        "sampler_options": options,
-        "val_fraction": float(val_fraction),
-        "test_fraction": float(test_fraction),
-        "max_pixels": int(max_pixels),
-        "min_side": int(min_side),
-        "folders": [[os.path.abspath(f), s] for f, s in folders],
-        "noise": noise,
-    }
-
-    old: dict[str, dict[str, Any]] = {}
-    if out.exists():
-        try:
-            old = {r["path"]: r for r in read_manifest(out).to_pylist()}
-        except (ValueError, OSError) as e:
-            raise ValueError(
-                f"{out}: exists but is not a manifest this run can update ({e}); delete it or choose another output"
-            ) from None
-
+    folders, workers, derived, settings = _check_settings(
+        dirs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, sampler=sampler,
+        sampler_options=sampler_options, max_pixels=max_pixels, min_side=min_side, workers=workers, noise=noise,
+    )  # fmt: skip
+    old = _read_previous(out)
     rejects: dict[str, str] = {}
     entries = _list_files(folders, rejects)
-    result = IndexResult(manifest=out, rejects=rej_out)
-    for path in old.keys() - entries.keys():
-        if os.path.exists(path):
-            result.outside += 1
-        else:
-            result.removed += 1
-    if result.outside and not replace:
-        try:
-            before = [f for f, _s in json.loads((pq.read_schema(out).metadata or {}).get(META_KEY, b"{}")).get("folders", [])]
-        except (ValueError, AttributeError, TypeError):
-            before = []
-        example = sorted(p for p in old.keys() - entries.keys() if os.path.exists(p))[0]
-        raise ValueError(
-            f"{out}: already indexes {result.outside} file(s) outside the folder(s) given now"
-            + (f" (it was indexed from {', '.join(before)})" if before else "") + f", e.g. {example}; this run "
-            "would drop them: pass --replace to index only the given folders, or choose another --out"
-        )  # fmt: skip
+    result = IndexResult(manifest=out, rejects=rejects_path(out))
+    _count_dropped(out, old, entries, result, replace)
+    records, reused, todo = _triage(entries, old, rejects, noise, max_pixels, min_side)
 
-    records: dict[str, tuple[dict[str, Any], str | None, int, int]] = {}
-    reused: set[str] = set()
-    todo: list[_Entry] = []
-    for path, e in entries.items():
-        row = old.get(path)
-        if e.error is not None:
-            rejects[path] = e.error
-        elif noise == "none" and Path(path).stem.endswith("_mean"):
-            rejects[path] = f"{CLEAN_REFERENCE}: the clean *_mean reference of a real pair, not a noisy photograph (noise='none')"
-        elif e.size == 0:
-            rejects[path] = f"{ZERO_BYTE}: the file is empty (0 bytes)"
-        elif row is not None and row["size_bytes"] == e.size and row["mtime_ns"] == e.mtime_ns:
-            w, h = row["width"], row["height"]
-            if w * h > max_pixels:
-                rejects[path] = f"{TOO_LARGE}: {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels}"
-            elif min(w, h) < min_side:
-                rejects[path] = f"{TOO_SMALL}: {w}x{h} pixels, both sides must be at least {min_side}"
-            else:
-                records[path] = ({k: row[k] for k in _FILE_FIELDS}, e.split, e.size, e.mtime_ns)
-                reused.add(path)
-        else:
-            todo.append(e)
-
-    def checkpoint(done: int) -> None:
-        pending = {e.path: old[e.path] for e in todo[done:] if e.path in old}
-        merged = dict(records)
-        for path, row in pending.items():
-            merged[path] = ({k: row[k] for k in _FILE_FIELDS}, entries[path].split, row["size_bytes"], row["mtime_ns"])
-        write_parquet_atomic(_with_metadata(_assemble(merged, derived)[0], settings), out)
-
+    checkpoint = functools.partial(_save_progress, out, records, old, todo, entries, derived, settings)
     if todo:
         log(f"index: {len(entries)} files, {len(reused)} unchanged, {len(todo)} to validate ({workers} threads)")
-    done, last_save, last_log = 0, time.monotonic(), time.monotonic()
-    with _pil_limits(max_pixels), contextlib.closing(
-        ordered_map(lambda e: _inspect_file(e.path, max_pixels, min_side), todo, workers)
-    ) as results:
-        try:
-            for e, got in zip(todo, results):
-                done += 1
-                if isinstance(got, str):
-                    rejects[e.path] = got
-                else:
-                    records[e.path] = (got, e.split, e.size, e.mtime_ns)
-                now = time.monotonic()
-                if now - last_log >= 10.0:
-                    log(f"index: {done}/{len(todo)} validated, {len(rejects)} rejected so far")
-                    last_log = now
-                if now - last_save >= checkpoint_s and done < len(todo):
-                    checkpoint(done)
-                    last_save = time.monotonic()
-        except KeyboardInterrupt:
-            checkpoint(done)
-            log(f"index: interrupted after {done}/{len(todo)} files; {out} keeps what is done, run again to go on")
-            raise
-
-    table, dups = _assemble(records, derived)
-    rejects.update(dups)
-    result.reused = len(reused - dups.keys())
-    result.validated = table.num_rows - result.reused
-    rej_table = pa.Table.from_pydict(
-        {"path": sorted(rejects), "reason": [rejects[p] for p in sorted(rejects)]}, schema=REJECTS_SCHEMA
-    )
-    write_parquet_atomic(_with_metadata(rej_table, settings), rej_out)
-    write_parquet_atomic(_with_metadata(table, settings), out)
-
-    result.accepted = table.num_rows
-    result.rejected = dict(Counter(reason_category(r) for r in rejects.values()))
-    counts = Counter(table.column("split").to_pylist())
-    result.splits = {s: counts.get(s, 0) for s in SPLITS}
+    _inspect_all(todo, records, rejects, checkpoint, out, max_pixels=max_pixels, min_side=min_side, workers=workers,
+                 checkpoint_s=checkpoint_s, log=log)  # fmt: skip
+    _write(result, records, reused, rejects, derived, settings)
     result.seconds = time.monotonic() - t0
     for path in sorted(rejects)[:_MAX_LOGGED_REJECTS]:
         log(f"rejected {path}: {rejects[path]}")
     if len(rejects) > _MAX_LOGGED_REJECTS:
-        log(f"... and {len(rejects) - _MAX_LOGGED_REJECTS} more rejected files: see {rej_out}")
+        log(f"... and {len(rejects) - _MAX_LOGGED_REJECTS} more rejected files: see {result.rejects}")
     if not result.accepted:
         log(f"warning: no usable image under {', '.join(f for f, _ in folders)}; {out} is empty")
     log(result.summary())

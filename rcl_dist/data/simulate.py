@@ -51,6 +51,40 @@ def _npy_ok(path: Path, shape: tuple[int, ...]) -> bool:
     return arr.shape == shape and arr.dtype == np.float32
 
 
+def _realise(row: dict[str, Any], out_dir: Path, indices: tuple[int, ...], raw: bool, gray: bool | None,
+             force: bool) -> tuple[dict[str, int], str | None]:
+    """One row's realisations written where missing or stale: (counts to add, a warning to log or None)."""
+    import torch
+
+    from rcl_dist.noise import mosaic
+
+    path, h, w = row["path"], row["height"], row["width"]
+    if raw:
+        shape: tuple[int, ...] = (h - h % 2, w - w % 2, 1)
+    else:
+        shape = (h, w, {None: row["channels"], False: 3, True: 1}[gray])
+    targets = [(i, simulated_path(out_dir, row["image_id"], raw, i)) for i in indices]
+    targets = [(i, p) for i, p in targets if force or not _npy_ok(p, shape)]
+    if not targets:
+        return {"present": len(indices)}, None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {"missing": 1}, f"warning: {path} (image {row['image_id']}) is gone; its realisation is skipped"
+    if st.st_size != row["size_bytes"] or st.st_mtime_ns != row["mtime_ns"]:
+        return {"changed": 1}, f"warning: {path} (image {row['image_id']}) changed since indexing; skipped (index again)"
+    clean = _load_clean(path, row["mode"], False if raw else gray)
+    if clean.shape[1:] != (h, w):
+        return {"changed": 1}, f"warning: {path} decodes to {clean.shape[2]}x{clean.shape[1]}, the manifest says {w}x{h}; skipped"
+    if raw:
+        rgb = torch.from_numpy(clean[:, : shape[0], : shape[1]])[None]
+        clean = mosaic(rgb)[0].numpy()  # [1, H, W]
+    for i, target in targets:
+        noisy = fixed_noisy_image(clean, row["shot"], row["read"], row["noise_seed"] + i)
+        save_npy_atomic(target, np.ascontiguousarray(noisy.transpose(1, 2, 0), dtype=np.float32))
+    return {"written": len(targets), "present": len(indices) - len(targets)}, None
+
+
 def simulate(
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -80,9 +114,7 @@ def simulate(
     Files are written atomically. An image whose file is gone, or has changed since indexing (size or
     mtime differ), is skipped with a warning naming it, and counted in the last log line.
     """
-    import torch
-
-    from rcl_dist.noise import mosaic
+    import rcl_dist.noise  # noqa: F401  (torch and the mosaic: imported here, not first in the worker threads)
 
     if raw and gray:
         raise ValueError("simulate: raw=True needs RGB images (a Bayer mosaic), not gray=True")
@@ -95,44 +127,11 @@ def simulate(
     counts: Counter[str] = Counter()
 
     def one(row: dict[str, Any]) -> None:
-        path, h, w = row["path"], row["height"], row["width"]
-        if raw:
-            shape: tuple[int, ...] = (h - h % 2, w - w % 2, 1)
-        else:
-            shape = (h, w, {None: row["channels"], False: 3, True: 1}[gray])
-        targets = [(i, simulated_path(out_dir, row["image_id"], raw, i)) for i in indices]
-        targets = [(i, p) for i, p in targets if force or not _npy_ok(p, shape)]
-        if not targets:
-            with lock:
-                counts["present"] += len(indices)
-            return
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            with lock:
-                counts["missing"] += 1
-                log(f"warning: {path} (image {row['image_id']}) is gone; its realisation is skipped")
-            return
-        if st.st_size != row["size_bytes"] or st.st_mtime_ns != row["mtime_ns"]:
-            with lock:
-                counts["changed"] += 1
-                log(f"warning: {path} (image {row['image_id']}) changed since indexing; skipped (index again)")
-            return
-        clean = _load_clean(path, row["mode"], False if raw else gray)
-        if clean.shape[1:] != (h, w):
-            with lock:
-                counts["changed"] += 1
-                log(f"warning: {path} decodes to {clean.shape[2]}x{clean.shape[1]}, the manifest says {w}x{h}; skipped")
-            return
-        if raw:
-            rgb = torch.from_numpy(clean[:, : shape[0], : shape[1]])[None]
-            clean = mosaic(rgb)[0].numpy()  # [1, H, W]
-        for i, target in targets:
-            noisy = fixed_noisy_image(clean, row["shot"], row["read"], row["noise_seed"] + i)
-            save_npy_atomic(target, np.ascontiguousarray(noisy.transpose(1, 2, 0), dtype=np.float32))
+        add, warning = _realise(row, out_dir, indices, raw, gray, force)
         with lock:
-            counts["written"] += len(targets)
-            counts["present"] += len(indices) - len(targets)
+            counts.update(add)
+            if warning is not None:
+                log(warning)
 
     rows = table.to_pylist()
     with contextlib.closing(ordered_map(one, rows, workers)) as it:

@@ -343,48 +343,22 @@ def simulated_dir_for(cfg: Config, manifest: str | Path) -> str:
     return str(Path(manifest).with_suffix("")) + "_simulated"
 
 
-def run_pretrain(
-    cfg: Config,
-    *,
-    resume: bool = False,
-    tracking_uri: str | None = None,
-    log: Callable[[str], None] = print,
-    env: dict[str, str] | None = None,
-) -> PretrainResult:
-    """Pre-train with ``cfg.dist.workers`` Ray Train workers; ``resume`` continues ``dist.run_name``.
+def _resume_point(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> tuple[str | None, int]:
+    """``--resume``: (folder of the newest valid checkpoint on disk or None, its step; 0 before any checkpoint)."""
+    from rcl_dist.models.io import newest_valid_checkpoint
 
-    ``env``: extra environment variables for the workers (tests use it for the fault hook).
-    """
-    from rcl_dist.train.trainer import make_torch_trainer
+    try:  # the newest valid checkpoint on disk: Ray may not have registered the last one
+        ckpt_file, ckpt_state = newest_valid_checkpoint(run_dir, log=log)
+        return str(ckpt_file.parent), int(ckpt_state.get("step", 0))
+    except FileNotFoundError:
+        return None, 0  # interrupted before its first checkpoint: starts again from step 0
+    except ValueError as e:
+        raise ConfigError(f"--resume: {e}") from None
 
-    from rcl_dist.train.pretrain import train_func_per_worker
 
-    storage = ray_results(cfg.dist.storage_path)
-    if resume and not cfg.dist.run_name:
-        raise ConfigError("--resume needs dist.run_name: the run to continue")
-    name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
-    run_dir = storage / name
-    state_file = run_dir / RUN_STATE
-    if resume and not state_file.is_file():
-        raise ConfigError(f"--resume: no run {name!r} under {storage} (missing {state_file})")
-    if not resume and run_dir.exists():
-        raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
-    resume_from, start_step = None, 0
-    if resume:
-        from rcl_dist.models.io import newest_valid_checkpoint
-
-        try:  # the newest valid checkpoint on disk: Ray may not have registered the last one
-            ckpt_file, ckpt_state = newest_valid_checkpoint(run_dir, log=log)
-            resume_from, start_step = str(ckpt_file.parent), int(ckpt_state.get("step", 0))
-        except FileNotFoundError:
-            pass  # interrupted before its first checkpoint: starts again from step 0
-        except ValueError as e:
-            raise ConfigError(f"--resume: {e}") from None
-        if start_step >= cfg.train.steps:
-            log(f"run {name} is complete: its newest checkpoint is at step {start_step} (train.steps={cfg.train.steps}); "
-                f"nothing to do (pass train.steps=N to train further)")  # fmt: skip
-            return PretrainResult(name, str(storage), None, resume_from, None, None, 0.0)
-
+def _check_before_ray(cfg: Config, resume: bool, log: Callable[[str], None]) -> Path | None:
+    """Memory, images and crop (a new run: its manifest, indexed if need be), then Ray and its GPUs."""
+    manifest = None
     if not cfg.dist.use_gpu and _ray_is_local():  # the workers share this machine's memory
         from rcl_dist.train.local import check_memory
 
@@ -395,6 +369,12 @@ def run_pretrain(
     # then Ray: a request it cannot meet fails here, before any run or folder is created
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 1), log=log)
     check_gpus(cfg.dist.workers if cfg.dist.use_gpu else 0, "dist.use_gpu")
+    return manifest
+
+
+def _open_record(cfg: Config, name: str, run_dir: Path, resume: bool, manifest: Path | None, tracking_uri: str | None):
+    """(manifest, MLflow run id, tracking URI, tracker): a resumed run's recorded ones reopened, or a new run
+    folder with its state file and (tracking on) a new MLflow run."""
     tracker = None
     if resume:
         state = read_run_state(run_dir)
@@ -405,35 +385,23 @@ def run_pretrain(
             from rcl_dist.tracking import RunTracker
 
             tracker = RunTracker.start(uri, cfg.tracking.experiment, None, None, run_id=run_id)
-    else:
-        run_id, uri = None, None
-        if cfg.tracking.enabled:
-            from rcl_dist.paths import resolve_tracking_uri
-            from rcl_dist.tracking import RunTracker
+        return manifest, run_id, uri, tracker
+    run_id, uri = None, None
+    if cfg.tracking.enabled:
+        from rcl_dist.paths import resolve_tracking_uri
+        from rcl_dist.tracking import RunTracker
 
-            uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
-            tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
-            run_id = tracker.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri,
-                                          "config": cfg.to_dict()}))  # fmt: skip
+        uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+        tracker = RunTracker.start(uri, cfg.tracking.experiment, name, cfg.to_dict())  # params + config.yaml
+        run_id = tracker.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_STATE).write_text(json.dumps({"manifest": str(manifest), "mlflow_run_id": run_id, "tracking_uri": uri,
+                                                 "config": cfg.to_dict()}))  # fmt: skip
+    return manifest, run_id, uri, tracker
 
-    simulated = simulated_dir_for(cfg, manifest)
-    trainer = make_torch_trainer(
-        train_func_per_worker,
-        {
-            "config": cfg.to_dict(),
-            "manifest": str(manifest),
-            "simulated_dir": simulated,
-            "mlflow_run_id": run_id,
-            "tracking_uri": uri,
-            "resume_from": resume_from,
-        },
-        workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=name,
-        storage_path=str(storage), num_to_keep=2, max_failures=cfg.dist.max_failures, env=env,
-    )  # fmt: skip
-    log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))
-    t0 = time.perf_counter()
+
+def _fit(trainer, cfg: Config, name: str, storage: Path, run_dir: Path, tracker, start_step: int):
+    """``trainer.fit()``, ending the MLflow run with how it went; Ctrl-C becomes PretrainInterrupted."""
     status = "FAILED"
     try:
         result = trainer.fit()
@@ -453,5 +421,65 @@ def run_pretrain(
                 # nothing trained (a failure before the first new checkpoint): the record keeps its status
                 status = tracker.previous_status
             tracker.end(status)
+    return result
+
+
+def run_pretrain(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    log: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
+) -> PretrainResult:
+    """Pre-train with ``cfg.dist.workers`` Ray Train workers; ``resume`` continues ``dist.run_name``.
+
+    ``env``: extra environment variables for the workers (tests use it for the fault hook).
+    """
+    from rcl_dist.train.trainer import make_torch_trainer
+
+    from rcl_dist.train.pretrain import train_func_per_worker
+
+    # 1. the run: its name and folder, and where a resume starts
+    storage = ray_results(cfg.dist.storage_path)
+    if resume and not cfg.dist.run_name:
+        raise ConfigError("--resume needs dist.run_name: the run to continue")
+    name = cfg.dist.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
+    run_dir = storage / name
+    state_file = run_dir / RUN_STATE
+    if resume and not state_file.is_file():
+        raise ConfigError(f"--resume: no run {name!r} under {storage} (missing {state_file})")
+    if not resume and run_dir.exists():
+        raise ConfigError(f"dist.run_name {name!r} already exists under {storage}: pass --resume or another name")
+    resume_from, start_step = _resume_point(cfg, run_dir, log) if resume else (None, 0)
+    if resume and start_step >= cfg.train.steps:
+        log(f"run {name} is complete: its newest checkpoint is at step {start_step} (train.steps={cfg.train.steps}); "
+            f"nothing to do (pass train.steps=N to train further)")  # fmt: skip
+        return PretrainResult(name, str(storage), None, resume_from, None, None, 0.0)
+
+    # 2. inputs and Ray checked, 3. the run record started or reopened
+    manifest = _check_before_ray(cfg, resume, log)
+    manifest, run_id, uri, tracker = _open_record(cfg, name, run_dir, resume, manifest, tracking_uri)
+
+    # 4. fit
+    simulated = simulated_dir_for(cfg, manifest)
+    trainer = make_torch_trainer(
+        train_func_per_worker,
+        {
+            "config": cfg.to_dict(),
+            "manifest": str(manifest),
+            "simulated_dir": simulated,
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+            "resume_from": resume_from,
+        },
+        workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=name,
+        storage_path=str(storage), num_to_keep=2, max_failures=cfg.dist.max_failures, env=env,
+    )  # fmt: skip
+    log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))
+    t0 = time.perf_counter()
+    result = _fit(trainer, cfg, name, storage, run_dir, tracker, start_step)
+
+    # 5. the end
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, str(storage), result.metrics, ckpt, run_id, uri, time.perf_counter() - t0)
