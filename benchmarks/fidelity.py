@@ -1272,7 +1272,7 @@ class Harness:
         from rcl_dist.figures import pos_neg_from_distance_matrix
         from rcl_dist.tracking import FIG2_ARTIFACT
         from rcl_dist.models.factory import build_model_from_config
-        from rcl_dist.train.local import build_objective_from_config
+        from rcl_dist.losses.build import build_objective_from_config
         from rcl_dist.train.pretrain import _distance_matrix
 
         ckpt = self._checkpoint_of(cell.source)

@@ -122,7 +122,7 @@ def part_peak(args, device: torch.device) -> dict:
 def _objective(args, device: torch.device):
     from rcl_dist.config import load_config
     from rcl_dist.models.factory import build_model_from_config
-    from rcl_dist.train.local import build_consistency_from_config, build_objective_from_config
+    from rcl_dist.losses.build import build_consistency_from_config, build_objective_from_config
 
     cfg = load_config(None, [f"model.width={args.width}", f"model.depth={args.depth}", f"data.crop={args.crop}",
                              f"train.batch_size={args.batch}"])  # fmt: skip

@@ -161,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(cfg, save: Path | None) -> int:
-    from rcl_dist.train.local import NonFiniteError, train_local
+    from rcl_dist.train.guards import NonFiniteError
+    from rcl_dist.train.local import train_local
 
     print(
         f"pre-training {cfg.model.name} (width {cfg.model.width}, depth {cfg.model.depth}) with "

@@ -157,7 +157,7 @@ def test_noise_probe_measures_the_residual_against_the_true_noise(rng):
     """The identity f(x) = x scores the noise's own size; the probe leaves a model's train mode and
     batch-norm statistics as they were; with real noise (unknown) there is no probe."""
     from rcl_dist.models import build_model
-    from rcl_dist.train.local import noise_probe
+    from rcl_dist.train.diagnostics import noise_probe
 
     cfg = load_config(None, ["data.crop=16", "loss.quantiles=null", "data.sigma_min=0.05", "data.sigma_max=0.08"])
     images = [torch.rand(3, 40, 40, generator=rng).numpy() for _ in range(4)]

@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from rcl_dist.config import ConfigError, load_config
-from rcl_dist.train.pretrain import NonFiniteGuard
+from rcl_dist.train.guards import NonFiniteGuard
 
 ray = pytest.importorskip("ray")
 
@@ -45,7 +45,7 @@ def _parity_loop(config: dict) -> None:
     import ray.train.torch
 
     from rcl_dist.dist import make_key_gather
-    from rcl_dist.train.pretrain import DDPRestorer
+    from rcl_dist.train.worker import DDPRestorer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

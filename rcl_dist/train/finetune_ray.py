@@ -32,7 +32,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from rcl_dist.models.io import save_checkpoint
-    from rcl_dist.train.pretrain import DDPRestorer, worker_setup
+    from rcl_dist.train.worker import DDPRestorer, worker_setup
 
     spec = FinetuneSpec.from_dict(loop_config["spec"])
     rank, world, device = worker_setup()

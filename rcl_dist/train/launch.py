@@ -360,7 +360,7 @@ def _check_before_ray(cfg: Config, resume: bool, log: Callable[[str], None]) -> 
     """Memory, images and crop (a new run: its manifest, indexed if need be), then Ray and its GPUs."""
     manifest = None
     if not cfg.dist.use_gpu and _ray_is_local():  # the workers share this machine's memory
-        from rcl_dist.train.local import check_memory
+        from rcl_dist.train.guards import check_memory
 
         check_memory(cfg, workers=cfg.dist.workers)
     if not resume:  # the images and the crop: checked (and indexed) before Ray, a run or a folder exists

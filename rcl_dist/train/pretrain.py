@@ -27,40 +27,19 @@ from rcl_dist.data.spec import PairSpec
 from rcl_dist.models.factory import build_model_from_config
 from rcl_dist.models.io import CHECKPOINT_FILE, read_state, write_state
 from rcl_dist.train.schedule import lr_factor
-from rcl_dist.train.local import (
-    NonFiniteGuard,
-    build_consistency_from_config,
-    build_objective_from_config,
-    calibrate_alpha,
-    check_finite_weights,
-    gradient_diagnostics,
-    manifest_noise_probe,
-)
+from rcl_dist.losses.build import build_consistency_from_config, build_objective_from_config
+from rcl_dist.train.diagnostics import calibrate_alpha, gradient_diagnostics, manifest_noise_probe
+from rcl_dist.train.guards import NonFiniteGuard, check_finite_weights
+from rcl_dist.train.worker import DDPRestorer, worker_setup
 
-__all__ = ["train_func_per_worker", "pair_spec", "worker_setup", "FAULT_ENV", "METHOD_TASK", "DDPRestorer", "NonFiniteGuard"]
+__all__ = ["train_func_per_worker", "pair_spec", "FAULT_ENV", "METHOD_TASK"]
+
 
 # Test-only fault hook: "RANK:STEP:MARKER" kills worker RANK at STEP once (the marker file records it).
 FAULT_ENV = "RCL_DIST_FAULT"
 # The pipeline task that feeds each pre-training method (n2s, nb2nb, b2u read only a denoise batch's noisy "input").
 METHOD_TASK = {"rcl": "pretrain", "consistency": "pretrain", "n2n": "n2n", "n2s": "denoise", "nb2nb": "denoise",
                "b2u": "denoise", "supervised": "denoise"}  # fmt: skip
-
-
-class DDPRestorer(nn.Module):
-    """Calls go through the DDP wrapper (gradient sync); residual/restore use the inner model's rules."""
-
-    def __init__(self, ddp: nn.Module, inner: nn.Module) -> None:
-        super().__init__()
-        self.ddp, self.inner = ddp, inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ddp(x)
-
-    def residual(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.residual(x, self(x) if output is None else output)
-
-    def restore(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.restore(x, self(x) if output is None else output)
 
 
 def _maybe_fault(rank: int, step: int) -> None:
@@ -174,20 +153,6 @@ def _resume_state(resume_from: str | None, device: torch.device, rank: int) -> d
     if rank == 0:
         print(f"[rcl-dist] resuming from step {int(state['step'])} ({where})", file=sys.stderr, flush=True)
     return state
-
-
-def worker_setup() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this Ray Train worker, with subnormal floats flushed to zero
-    (see train/local.py: subnormals stall CPU convolutions). Pre-training and fine-tuning workers."""
-    import ray.train
-    import ray.train.torch
-
-    from rcl_dist.console import quiet_train_worker
-
-    quiet_train_worker()
-    ctx = ray.train.get_context()
-    torch.set_flush_denormal(True)
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
 VALIDATION_KEYS = ("val_psnr", "val_ssim", "val_l1", "val_probe_converged", "val_seconds")

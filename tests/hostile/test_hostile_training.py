@@ -11,14 +11,9 @@ import torch
 from rcl_dist.cli import main
 from rcl_dist.config import ConfigError, load_config
 from rcl_dist.models.factory import build_model_from_config
-from rcl_dist.train.local import (
-    NonFiniteError,
-    NonFiniteGuard,
-    check_memory,
-    estimate_training_memory,
-    train_local,
-)
-from rcl_dist.train.pretrain import NonFiniteGuard as WorkerGuard
+from rcl_dist.train.guards import NonFiniteError, NonFiniteGuard, check_memory, estimate_training_memory
+from rcl_dist.train.guards import NonFiniteGuard as WorkerGuard  # one guard for both trainers
+from rcl_dist.train.local import train_local
 
 TINY = ["model.width=4", "model.depth=2", "data.crop=16", "train.batch_size=4", "loss.encoder=null",
         "train.log_every=1", "train.nonfinite_limit=3"]  # fmt: skip
