@@ -11,7 +11,9 @@ from rcl_dist import console
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    # set (not deleted) through monkeypatch, so that teardown removes whatever main() wrote there:
+    # a verbose flag left behind made later tests' Ray workers print every line twice
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
 
 
 def test_ray_processes_get_the_quiet_settings_unless_verbose(monkeypatch):
@@ -22,12 +24,12 @@ def test_ray_processes_get_the_quiet_settings_unless_verbose(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["-v", "config"], ["config", "-v"], ["config", "--verbose", "train.steps=3"]])
-def test_verbose_flag_anywhere_on_the_command_line(argv, capsys, monkeypatch):
+def test_verbose_flag_anywhere_on_the_command_line(argv, capsys):
     from rcl_dist.cli import main
 
+    assert not console.verbose()
     assert main(argv) == 0
     assert os.environ.get(console.VERBOSE_ENV) == "1"
-    monkeypatch.delenv(console.VERBOSE_ENV)
 
 
 def test_ui_hint_names_a_server_or_the_local_command():

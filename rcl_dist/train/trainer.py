@@ -39,7 +39,7 @@ def make_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
 
-    from rcl_dist.console import verbose
+    from rcl_dist.console import ray_env, verbose
     from rcl_dist.train.rendezvous import LocalTorchConfig
 
     return _trainer_class()(
@@ -56,7 +56,8 @@ def make_torch_trainer(
             storage_path=str(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=FailureConfig(max_failures=max_failures),
-            worker_runtime_env={"env_vars": env} if env else None,
+            # the console settings travel with the workers too: Ray may have been started elsewhere
+            worker_runtime_env={"env_vars": {**ray_env(local=False), **(env or {})}},
             callbacks=callbacks or None,
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),  # rank 0 prints progress
         ),
