@@ -113,6 +113,7 @@ def test_concurrent_sweep_and_pretraining_log_everything(pg_mlflow, tmp_path, lo
     try:
         space = load_space(
             _space(tmp_path, trials=2, concurrency=2, fixed=dict(TINY_FIXED), experiment="pg-sweep",
+                   scheduler={"type": "fifo"},  # every trial runs all its rounds: all of its steps are logged
                    points=[{"loss.alpha": 0.1, "loss.temperature": 0.05}]),
             [f"data.manifest={manifest}"],
         )  # fmt: skip
