@@ -155,6 +155,14 @@ def _placement_group_cleanup(trials_dir: Path):
     return PlacementGroupCleanup()
 
 
+def trial_needs(resources: dict[str, Any]) -> dict[str, float]:
+    """What one trial holds at once: its driver's CPUs plus its workers' CPUs (and GPUs)."""
+    need = {"CPU": resources["driver_cpus"] + resources["workers"] * resources["cpus_per_worker"]}
+    if resources["use_gpu"]:
+        need["GPU"] = float(resources["workers"])
+    return need
+
+
 def fit_concurrency(space: SweepSpace, log: Callable[[str], None]) -> SweepSpace:
     """The space with at most as many trials at once as the running Ray holds whole.
 
@@ -166,10 +174,7 @@ def fit_concurrency(space: SweepSpace, log: Callable[[str], None]) -> SweepSpace
 
     import ray
 
-    res, have = space.resources, ray.cluster_resources()
-    need = {"CPU": res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]}
-    if res["use_gpu"]:
-        need["GPU"] = float(res["workers"])
+    need, have = trial_needs(space.resources), ray.cluster_resources()
     fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
     fit = max(1, min(fits)) if fits else space.concurrency
     if fit >= space.concurrency:
@@ -318,8 +323,7 @@ def _start_ray(space: SweepSpace, log: Callable[[str], None]) -> SweepSpace:
     from rcl_dist.train.launch import check_gpus, ensure_ray
 
     res = space.resources
-    per_trial = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * per_trial)))
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(space.concurrency * trial_needs(res)["CPU"])))
     check_gpus(res["workers"] if res["use_gpu"] else 0, "resources.use_gpu")
     return fit_concurrency(space, log)
 
