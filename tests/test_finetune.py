@@ -110,6 +110,9 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"probe_max_iters": 0}, "probe_max_iters"),
         ({"schedule": "step"}, "schedule"),
         ({"warmup": 5, "steps": 5}, "warmup 5 must be smaller than steps 5"),
+        ({"probe_first": True}, "probe_first applies to mode 'full'"),
+        ({"probe_first": True, "mode": "full", "fit": "adam"}, "probe_first fits the last layer in closed form"),
+        ({"probe_first": 1, "mode": "full"}, "probe_first must be true or false"),
     ],
 )
 def test_spec_errors_name_the_field(kw, field):
@@ -257,6 +260,22 @@ def test_proxy_fits_by_name(data, ckpts, fit):
         assert metrics["label_l1"] == metrics["probe_lstsq_l1"] < metrics["label_l1_initial"]
     else:
         assert "probe_lstsq_l1" not in metrics and metrics["probe_iterations"] == 3  # the spec's steps
+
+
+def test_probe_first_starts_adam_from_the_probes_head_then_trains_every_layer(data, ckpts, tmp_path):
+    """LP-FT: full mode's first label L1 is the proxy fit's (not the pre-trained head's), and the body moves."""
+    pre, _, _ = load_checkpoint(ckpts["rgb"])
+    body0 = _body(pre)
+    _, proxy, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"]))
+    _, kept, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"], mode="full", steps=1, lr=1e-12))
+    model, metrics, _ = finetune_local(_spec(ckpts["rgb"], data["rgb"], mode="full", probe_first=True, out=str(tmp_path / "lpft")))
+    # the same seeded labels: Adam starts where the probe ended, below where the kept head starts
+    assert metrics["label_l1_initial"] == pytest.approx(proxy["label_l1"], rel=1e-5)
+    assert metrics["label_l1_initial"] < kept["label_l1_initial"]
+    changed = [k for k, v in _body(model).items() if v.dtype.is_floating_point and not torch.equal(v, body0[k])]
+    assert len(changed) > len(body0) // 2  # then every layer trains
+    _, _, state = load_checkpoint(tmp_path / "lpft")
+    assert state["probe_first"] is True and state["mode"] == "full" and state["probe"]["label_l1"] == pytest.approx(proxy["label_l1"], rel=1e-5)
 
 
 def test_training_reduces_the_l1_loss_on_the_labels(data):

@@ -39,6 +39,7 @@ __all__ = [
     "probe_options",
     "finetune_local",
     "make_optimizer",
+    "probe_then_unfreeze",
     "checkpoint_extra",
 ]
 
@@ -311,6 +312,25 @@ def fit_proxy(
     return metrics, trace
 
 
+def probe_then_unfreeze(
+    inner: nn.Module, labels: LabelSet, spec: FinetuneSpec, device: torch.device, *, rank: int = 0, reduce: bool = True
+) -> ProbeTrace:
+    """Full mode with ``spec.probe_first`` (LP-FT): fit the installed last layer with the probe on the
+    frozen body's features (eval mode), then make every weight trainable again for the Adam steps."""
+    from rcl_dist import dist as rdist
+
+    red = rdist.all_reduce_sum if reduce and rdist.is_distributed() else None
+    was_training = inner.training
+    inner.eval()
+    trace = fit_head(inner, labels.input, labels.target, probe_options(spec), reduce=red, rank=rank, device=device)
+    inner.train(was_training)
+    inner.unfreeze()
+    if rank == 0:
+        print(f"[rcl-dist finetune] probe first: label L1 {trace.label_l1_initial:.4g} -> {trace.label_l1:.4g} "
+              f"({trace.iterations} iterations), then {spec.steps} Adam steps on every layer", file=sys.stderr, flush=True)  # fmt: skip
+    return trace
+
+
 def make_optimizer(params: list[nn.Parameter], spec: FinetuneSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=spec.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
@@ -330,6 +350,7 @@ def checkpoint_extra(
         "seed": spec.seed,
         "pretrain_checkpoint": spec.source,
         "head_fresh": bool(head["fresh"]),
+        "probe_first": bool(spec.probe_first),
         "final_loss": float(metrics.get("loss", float("nan"))),
         "label_l1": float(metrics.get("label_l1", float("nan"))),
     }
@@ -358,6 +379,8 @@ def finetune_local(
         metrics, trace = fit_proxy(model, labels, spec, device)
         history.append(dict(metrics))
     else:
+        if spec.probe_first:
+            trace = probe_then_unfreeze(model, labels, spec, device)
         opt = make_optimizer(params, spec)
         metrics = train_on_labels(model, model, opt, labels, spec, device, on_report=lambda s, m, f: history.append(dict(m)))
     if spec.out:

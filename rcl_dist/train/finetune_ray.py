@@ -17,10 +17,18 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from rcl_dist.config import ConfigError
-from rcl_dist.train.finetune import checkpoint_extra, fit_proxy, make_optimizer, prepare_finetune_model, train_on_labels
+from rcl_dist.train.finetune import (
+    checkpoint_extra,
+    fit_proxy,
+    make_optimizer,
+    prepare_finetune_model,
+    probe_then_unfreeze,
+    train_on_labels,
+)
 from rcl_dist.train.finetune_spec import FinetuneResult, FinetuneSpec
 from rcl_dist.train.labels import build_label_set, label_pair_spec
 from rcl_dist.train.probe import ProbeTrace
+from rcl_dist.train.progress import driver_progress, post_progress
 
 __all__ = ["train_func_per_worker", "run_finetune"]
 
@@ -48,7 +56,11 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
 
         tracker = RunTracker.start(loop_config["tracking_uri"], spec.experiment, None, None, run_id=loop_config["mlflow_run_id"])
 
+    board = loop_config.get("progress")  # the driver's bar (full mode), else rank 0 prints lines
+
     def report(step: int, metrics: dict[str, float], final: bool, trace: ProbeTrace | None = None) -> None:
+        if rank == 0:
+            post_progress(board, step, spec.steps, metrics)
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
         with tempfile.TemporaryDirectory() as tmp:
@@ -68,12 +80,14 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
         report(int(metrics["step"]), metrics, True, trace)
         return
 
+    if spec.probe_first:  # LP-FT: the probe's head on the frozen body first (all ranks: the same head)
+        probe_then_unfreeze(inner, labels, spec, device, rank=rank)
     opt = make_optimizer(params, spec)
     model: nn.Module = inner
     if world > 1:
         # Every trainable parameter is used in every forward pass, so find_unused_parameters is not needed.
         model = DDPRestorer(ray.train.torch.prepare_model(inner, move_to_device=False), inner)
-    train_on_labels(model, inner, opt, labels, spec, device, rank=rank, on_report=report)
+    train_on_labels(model, inner, opt, labels, spec, device, rank=rank, on_report=report, verbose=board is None)
 
 
 def _check_before_start(spec: FinetuneSpec) -> dict[str, Any]:
@@ -143,18 +157,20 @@ def run_finetune(
     try:
         ensure_ray(num_cpus=max(os.cpu_count() or 1, int(spec.workers * spec.cpus_per_worker) + 1))
         check_gpus(spec.workers if spec.use_gpu else 0, "use_gpu")
-        trainer = make_torch_trainer(
-            train_func_per_worker,
-            {"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri},
-            workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=spec.cpus_per_worker, name=name,
-            storage_path=str(storage), num_to_keep=1, max_failures=0, env=env,  # short runs: a failure reruns from scratch
-        )  # fmt: skip
         log(
             f"fine-tune {name}: task {spec.task}, mode {spec.mode}, {spec.labels} labels, {spec.workers} worker(s), "
             f"source {spec.source}" + (f", MLflow run {run_id} at {uri}" if run_id else "")
         )
         t0 = time.perf_counter()
-        result = trainer.fit()
+        # a bar for the Adam steps of full mode; a proxy fit is one solve, reported in one line
+        with driver_progress(f"fine-tune {name}", spec.steps, log=log, mode=None if spec.mode == "full" else "lines") as board:
+            trainer = make_torch_trainer(
+                train_func_per_worker,
+                {"spec": spec.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "progress": board},
+                workers=spec.workers, use_gpu=spec.use_gpu, cpus_per_worker=spec.cpus_per_worker, name=name,
+                storage_path=str(storage), num_to_keep=1, max_failures=0, env=env,  # short runs: a failure reruns from scratch
+            )  # fmt: skip
+            result = trainer.fit()
         seconds = time.perf_counter() - t0
         ray_ckpt = result.checkpoint.path if result.checkpoint is not None else None
         ckpt_file = None

@@ -43,6 +43,10 @@ class FinetuneSpec:
     realisation: str = "fresh"  # noise of the label inputs: "fresh" (drawn once per label) or "fixed"
     config: dict[str, Any] | None = None  # source="none": the architecture (a Config dict; its model section counts)
     head: str = "auto"  # full mode: "auto" (keep the last layer when the output form matches), "new", "keep"
+    # full mode: fit the last layer with the probe (body frozen, as in proxy mode) before the Adam steps
+    # on the whole network: linear probing then fine-tuning (LP-FT; Kumar et al., ICLR 2022), so the
+    # first steps do not distort pre-trained features through a poorly fitted head
+    probe_first: bool = False
     workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -123,6 +127,12 @@ class FinetuneSpec:
             )
         if self.batch_size % self.workers:
             raise ConfigError(f"batch_size {self.batch_size} (global) must be divisible by workers {self.workers}")
+        if not isinstance(self.probe_first, bool):
+            raise ConfigError(f"probe_first must be true or false, got {self.probe_first!r}")
+        if self.probe_first and self.mode != "full":
+            raise ConfigError("probe_first applies to mode 'full' (proxy mode fits only the last layer anyway)")
+        if self.probe_first and self.fit == "adam":
+            raise ConfigError("probe_first fits the last layer in closed form: use fit 'lstsq+l1' or 'lstsq', not 'adam'")
         if self.mode == "proxy" and self.head == "keep":
             raise ConfigError("head 'keep' contradicts mode 'proxy': proxy evaluation replaces the last layer with a fresh one")
         if self.is_random_init:

@@ -21,6 +21,7 @@ import numpy as np
 from rcl_dist.config import Config, ConfigError
 from rcl_dist.console import ray_env, verbose
 from rcl_dist.paths import RUN_STATE, ray_results, read_run_state, rcl_home
+from rcl_dist.train.progress import driver_progress
 
 __all__ = [
     "run_pretrain", "resume_config", "PretrainInterrupted", "RESUMABLE_KEYS", "ensure_ray", "choose_ray", "check_gpus",
@@ -463,22 +464,24 @@ def run_pretrain(
 
     # 4. fit
     simulated = simulated_dir_for(cfg, manifest)
-    trainer = make_torch_trainer(
-        train_func_per_worker,
-        {
-            "config": cfg.to_dict(),
-            "manifest": str(manifest),
-            "simulated_dir": simulated,
-            "mlflow_run_id": run_id,
-            "tracking_uri": uri,
-            "resume_from": resume_from,
-        },
-        workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=name,
-        storage_path=str(storage), num_to_keep=2, max_failures=cfg.dist.max_failures, env=env,
-    )  # fmt: skip
     log(f"run {name}: {cfg.dist.workers} worker(s), results in {run_dir}" + (f", MLflow run {run_id} at {uri}" if run_id else ""))
     t0 = time.perf_counter()
-    result = _fit(trainer, cfg, name, storage, run_dir, tracker, start_step)
+    with driver_progress(f"pre-training {name}", cfg.train.steps, initial=start_step, log=log) as board:
+        trainer = make_torch_trainer(
+            train_func_per_worker,
+            {
+                "config": cfg.to_dict(),
+                "manifest": str(manifest),
+                "simulated_dir": simulated,
+                "mlflow_run_id": run_id,
+                "tracking_uri": uri,
+                "resume_from": resume_from,
+                "progress": board,  # None: rank 0 prints a line per log step
+            },
+            workers=cfg.dist.workers, use_gpu=cfg.dist.use_gpu, cpus_per_worker=cfg.dist.cpus_per_worker, name=name,
+            storage_path=str(storage), num_to_keep=2, max_failures=cfg.dist.max_failures, env=env,
+        )  # fmt: skip
+        result = _fit(trainer, cfg, name, storage, run_dir, tracker, start_step)
 
     # 5. the end
     ckpt = result.checkpoint.path if result.checkpoint is not None else None

@@ -31,6 +31,7 @@ from rcl_dist.losses.build import build_consistency_from_config, build_objective
 from rcl_dist.train.diagnostics import calibrate_alpha, gradient_diagnostics, manifest_noise_probe
 from rcl_dist.train.guards import NonFiniteGuard, check_finite_weights
 from rcl_dist.train.worker import DDPRestorer, worker_setup
+from rcl_dist.train.progress import post_progress
 
 __all__ = ["train_func_per_worker", "pair_spec", "FAULT_ENV", "METHOD_TASK"]
 
@@ -445,6 +446,7 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
     # d(n_hat, n) against the known simulated noise of a few manifest images (the DALI batches do not
     # carry the noise), on every rank: the same crops, so the same numbers, and the same metric keys
     probe = manifest_noise_probe(cfg, loop_config["manifest"])
+    board = loop_config.get("progress")
     w.model.train()
 
     # 5. the loop
@@ -463,8 +465,11 @@ def train_func_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(_validate(validator, w.inner, device), round=float(-(-step // validation["every"])))
                 w.model.train()
             if rank == 0:
-                eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (cfg.train.steps - step)
-                _print_progress(cfg, metrics, step, eta)
+                if board is not None:  # the driver draws a bar (rcl_dist.train.progress)
+                    post_progress(board, step, cfg.train.steps, metrics)
+                else:
+                    eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (cfg.train.steps - step)
+                    _print_progress(cfg, metrics, step, eta)
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=step)
             _report(w, run, metrics, batches, guard, loop_config["config"])
