@@ -158,6 +158,11 @@ class Preset:
     # unlabelled set; N2N's second image a second stored realisation with the same parameters) or "fresh"
     realisation: str = "fixed"
     b2u_grid: int = 4  # Blind2Unblind's masker grid (the paper's 4: 16 forward passes per step)
+    # full fine-tuning: LP-FT (the probe's head on the frozen body first, then Adam on every layer), and
+    # the learning rate of pre-trained sources (None: lr; a pre-trained direct-prediction U-Net over-fits
+    # a few labels at 2e-3 and keeps its features at 2e-4, benchmarks/results/finetune_recipe_cpu.md)
+    probe_first: bool = False
+    pretrained_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.finetune_engine not in ("local", "ray"):
@@ -177,6 +182,8 @@ class Preset:
             raise ValueError(f"preset {self.name}: proxy_fit must be one of {list(PROBE_FITS)}, got {self.proxy_fit!r}")
         if self.realisation not in ("fixed", "fresh"):
             raise ValueError(f"preset {self.name}: realisation must be 'fixed' or 'fresh', got {self.realisation!r}")
+        if self.pretrained_lr is not None and not (isinstance(self.pretrained_lr, float) and 0 < self.pretrained_lr < 1):
+            raise ValueError(f"preset {self.name}: pretrained_lr must be a number in (0, 1) or null, got {self.pretrained_lr!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"preset {self.name}: schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
 
@@ -184,7 +191,12 @@ class Preset:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        # fields added after records were made count only when set, so those records stay current
+        d = {k: v for k, v in self.as_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None}
 
 
 PRESETS: dict[str, Preset] = {
@@ -224,6 +236,10 @@ PRETRAIN_METHODS: dict[str, list[str]] = {
     "RCL-EMD (real)": ["loss.method=rcl", "loss.distance=emd", "data.noise=none", "data.realisation=fresh"],
     "N2S (real)": ["loss.method=n2s", "data.noise=none", "data.realisation=fresh"],
     "Nb2Nb (real)": ["loss.method=nb2nb", "data.noise=none", "data.realisation=fresh"],
+    # the cross-camera study: the same, pre-trained on the noisy halves of the other cameras' pairs only
+    "RCL-EMD (real, xcam)": ["loss.method=rcl", "loss.distance=emd", "data.noise=none", "data.realisation=fresh"],
+    "N2S (real, xcam)": ["loss.method=n2s", "data.noise=none", "data.realisation=fresh"],
+    "Nb2Nb (real, xcam)": ["loss.method=nb2nb", "data.noise=none", "data.realisation=fresh"],
     # the context rows' blind Gaussian denoiser: supervised, shot 0, sigma ~ U(0, gaussian_sigma_max) per image
     "Oracle (Gaussian)": ["loss.method=supervised", "data.sampler=gaussian", "data.sigma_min=0.0"],
 }
@@ -238,10 +254,17 @@ ORACLE_GAUSS = "Oracle (Gaussian)"
 CLASSICAL = {"BM3D": "bm3d", "NLM": "nlm", "Wavelet": "wavelet"}
 REAL_PRETRAINED = ("RCL-EMD (real)", "N2S (real)", "Nb2Nb (real)")
 REAL_LABELS = (10, 100)  # real pairs' crops of the real-noise study
+# cross-camera: test on the pairs of these camera models (file-name prefix), train and fine-tune on the others
+POLYU_XCAM_TEST = ("NikonD800", "Sony")
+XCAM_PRETRAINED = ("RCL-EMD (real, xcam)", "N2S (real, xcam)", "Nb2Nb (real, xcam)")
+SL_SCRATCH_XCAM = "SL (scratch, xcam)"
+XCAM_EVALS = [("PolyU " + "+".join(POLYU_XCAM_TEST), "@polyu_xcam_test", "real", None)]
 MULTI_SEED = ("RCL-EMD", "N2N", "N2S", "Nb2Nb", RANDOM_INIT, "Oracle")  # denoising rows with every seed
 PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
 METHOD_ORDER = (PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
-                + REAL_PRETRAINED + tuple(f"{m} + SL" for m in REAL_PRETRAINED))
+                + REAL_PRETRAINED + tuple(f"{m} + SL" for m in REAL_PRETRAINED)
+                + XCAM_PRETRAINED + tuple(f"{m} + SL" for m in XCAM_PRETRAINED) + (SL_SCRATCH_XCAM,)
+                + tuple(f"{c} (xcam)" for c in CLASSICAL))
 
 # Evaluation sets per task: (dataset name, path under shared/data).
 EVAL_SETS: dict[str, list[tuple[str, str]]] = {
@@ -357,7 +380,8 @@ def build_plan(p: Preset) -> list[Cell]:
     for method, ov in PRETRAIN_METHODS.items():
         gauss = method == ORACLE_GAUSS
         ov = list(ov) + ([f"data.sigma_max={p.gaussian_sigma_max / 255.0}"] if gauss else [])
-        manifest = "gaussian" if gauss else "real_noisy" if method in REAL_PRETRAINED else "train"
+        manifest = ("gaussian" if gauss else "real_noisy" if method in REAL_PRETRAINED
+                    else "xcam_noisy" if method in XCAM_PRETRAINED else "train")  # fmt: skip
         for s in pre_seeds(method):
             cells.append(Cell("pretrain", method, s, "pretrain", 0, study="pretrain", overrides=ov,
                               raw="model.raw=packed" in ov, steps=p.pretrain_steps, batch_size=p.batch_size,
@@ -418,10 +442,22 @@ def build_plan(p: Preset) -> list[Cell]:
     for n in REAL_LABELS:
         cells.append(Cell("finetune", SL_SCRATCH, first, "real", n, study="real-full", mode="full", steps=p.full_steps,
                           batch_size=p.batch_size, manifest="real", evals=_evals("real")))  # fmt: skip
-    # the floor a trained model must clear: classical denoisers on the same test inputs (denoise, real)
+    # the cross-camera study: the same cells, trained on the other cameras, tested on POLYU_XCAM_TEST
+    for method in XCAM_PRETRAINED:
+        for n in REAL_LABELS:
+            for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
+                name = method if mode == "proxy" else f"{method} + SL"
+                cells.append(Cell("finetune", name, first, "real", n, study=f"xcam-{mode}", mode=mode, steps=steps,
+                                  source=cell_key(method, first, "pretrain", 0), batch_size=p.batch_size,
+                                  manifest="xcam", evals=XCAM_EVALS, fit=p.proxy_fit))  # fmt: skip
+    for n in REAL_LABELS:
+        cells.append(Cell("finetune", SL_SCRATCH_XCAM, first, "real", n, study="xcam-full", mode="full", steps=p.full_steps,
+                          batch_size=p.batch_size, manifest="xcam", evals=XCAM_EVALS))  # fmt: skip
+    # the floor a trained model must clear: classical denoisers on the same test inputs (denoise, real, xcam)
     for name in CLASSICAL:
         for task in ("denoise", "real"):
             cells.append(Cell("classical", name, first, task, 0, study="classical", evals=_evals(task)))
+        cells.append(Cell("classical", f"{name} (xcam)", first, "real", 0, study="xcam-classical", evals=XCAM_EVALS))
     # Fig. 2
     cells.append(Cell("fig2", "RCL-EMD", first, "fig2", 0, study="fig2", source=cell_key("RCL-EMD", first, "pretrain", 0)))
     keys = [c.key for c in cells]
@@ -492,10 +528,11 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         labels=labels,
         steps=cell.steps,
         batch_size=max(batch, w),
-        lr=p.lr,
+        lr=p.pretrained_lr if (p.pretrained_lr is not None and source != "none" and cell.mode == "full") else p.lr,
         seed=cell.seed,
         crop=p.crop,
         manifest=manifest,
+        probe_first=p.probe_first and cell.mode == "full",
         config=random_init_config(p, cell.raw, supervised=cell.mode == "full") if source == "none" else None,
         workers=w,
         use_gpu=p.use_gpu and engine_ray,
@@ -663,6 +700,27 @@ def write_rows(rows: Sequence[dict[str, Any]], out_stem: str | os.PathLike) -> d
     return paths
 
 
+def _real_study_table(rows: list[dict[str, Any]], prefix: str, pretrained: Sequence[str], scratch: str) -> str:
+    """A real-noise study's table: one row per (method, fine-tuning), one column per label count, plus the
+    noisy input and the classical floor on the same test images (when those cells are in ``rows``)."""
+    lines = ["| method | fine-tuning | " + " | ".join(f"{n} pairs' crops" for n in REAL_LABELS) + " |",
+             "|---|---|" + "---|" * len(REAL_LABELS)]  # fmt: skip
+    idx = {(r["method"], r["study"], int(r["labels"])): r for r in rows}
+    first = next((r for r in rows if r.get("psnr_input_mean") is not None), None)
+    if first is not None:
+        lines.append("| noisy input | none | " + " | ".join(f"{first['psnr_input_mean']:.2f}" for _ in REAL_LABELS) + " |")
+    for r in rows:
+        if r["study"] == f"{prefix}-classical":
+            lines.append(f"| {r['method']} | none (classical) | " + " | ".join(_fmt_cell(r) for _ in REAL_LABELS) + " |")
+    order = ([(m, f"{prefix}-proxy") for m in pretrained] + [(f"{m} + SL", f"{prefix}-full") for m in pretrained]
+             + [(scratch, f"{prefix}-full")])  # fmt: skip
+    for method, study in order:
+        if any((method, study, n) in idx for n in REAL_LABELS):
+            lines.append(f"| {method} | {study.split('-')[1]} | "
+                         + " | ".join(_fmt_cell(idx.get((method, study, n))) for n in REAL_LABELS) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _fmt_cell(row: dict[str, Any] | None, with_ssim: bool = True) -> str:
     if row is None or row.get("psnr_mean") is None:
         return "–"
@@ -777,19 +835,20 @@ def markdown_report(rows: list[dict[str, Any]], *, preset: Preset, header: dict[
     real_rows = [r for r in rows if r["study"] in ("real-proxy", "real-full")]
     if real_rows:
         out.append("## Real noise, nothing simulated: pre-trained on PolyU's noisy halves, fine-tuned on real pairs\n")
-        lines = ["| method | fine-tuning | " + " | ".join(f"{n} pairs' crops" for n in REAL_LABELS) + " |",
-                 "|---|---|" + "---|" * len(REAL_LABELS)]  # fmt: skip
-        idx = {(r["method"], r["study"], int(r["labels"])): r for r in real_rows}
-        for method, study in [(m, "real-proxy") for m in REAL_PRETRAINED] + [(f"{m} + SL", "real-full") for m in REAL_PRETRAINED] + [(SL_SCRATCH, "real-full")]:
-            if any((method, study, n) in idx for n in REAL_LABELS):
-                lines.append(f"| {method} | {study.split('-')[1]} | "
-                             + " | ".join(_fmt_cell(idx.get((method, study, n))) for n in REAL_LABELS) + " |")  # fmt: skip
-        out.append("\n".join(lines) + "\n")
+        out.append(_real_study_table(real_rows, "real", REAL_PRETRAINED, SL_SCRATCH))
         out.append("Pre-training: the noisy `*_real` photographs of the PolyU training split only (`data.noise=none`: "
                    "both crops of an RCL pair from the one photograph; the clean means never seen), the preset's "
                    "budget. Fine-tuning: proxy (fresh last layer) or full, on 10 / 100 crops of the training split's "
                    "real pairs; SL (scratch): the same architecture from random initialisation on the same crops. "
                    "Test: the PolyU test split, whose noisy input and classical floor are in the rows above.\n")  # fmt: skip
+    xcam_rows = [r for r in rows if r["study"] in ("xcam-proxy", "xcam-full", "xcam-classical")]
+    if xcam_rows:
+        test = "+".join(POLYU_XCAM_TEST)
+        out.append(f"## Real noise across cameras: trained on the other cameras' pairs, tested on {test}\n")
+        out.append(_real_study_table(xcam_rows, "xcam", XCAM_PRETRAINED, SL_SCRATCH_XCAM))
+        out.append(f"The same study with a split by camera model: pre-training on the noisy halves and fine-tuning on "
+                   f"the pairs of every camera but {', '.join(POLYU_XCAM_TEST)}; test: all pairs of {test}, which "
+                   "no network saw in any form. Classical rows: no training, noise level estimated per image.\n")  # fmt: skip
     if polyu_split:
         out.append(f"Split of the {len(polyu_split['train']) + len(polyu_split['test'])} PolyU_cropped pairs by name "
                    "(sha256 order, seed 0): test = "
@@ -953,7 +1012,26 @@ class Harness:
     def folder(self, key: str) -> Path:
         if key == "@polyu_test":
             return self.polyu_split_dirs()[1]
+        if key == "@polyu_xcam_test":
+            return self.polyu_xcam_dirs()[1]
         return self.shared() / key
+
+    def polyu_xcam_dirs(self) -> tuple[Path, Path]:
+        """(train, test) folders of symlinks to the PolyU pairs split by camera model: test = the pairs
+        whose name starts with one of POLYU_XCAM_TEST, train = every other camera's pairs."""
+        src = self.shared() / POLYU
+        dirs = {}
+        for part in ("train", "test"):
+            d = self.work / "data" / f"polyu_xcam_{part}"
+            d.mkdir(parents=True, exist_ok=True)
+            dirs[part] = d
+        for p in sorted(src.iterdir()):
+            if p.stem.endswith(("_real", "_mean")):
+                part = "test" if p.name.startswith(POLYU_XCAM_TEST) else "train"
+                link = dirs[part] / p.name
+                if not link.exists():
+                    link.symlink_to(p.resolve())
+        return dirs["train"], dirs["test"]
 
     def polyu_split_dirs(self) -> tuple[Path, Path]:
         """(train, test) folders of symlinks to the PolyU pairs; the split is by pair name (module doc)."""
@@ -991,12 +1069,16 @@ class Harness:
             sampler, sigma_max = "gaussian", self.preset.gaussian_sigma_max / 255.0
         elif which == "real_noisy":  # the unlabelled set of the real-noise study: the noisy *_real halves only
             folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train_noisy.parquet"
+        elif which == "xcam_noisy":  # the cross-camera study's unlabelled set: the other cameras' noisy halves
+            folder, out = self.polyu_xcam_dirs()[0], self.work / "data" / "polyu_xcam_train_noisy.parquet"
+        elif which == "xcam":
+            folder, out = self.polyu_xcam_dirs()[0], self.work / "data" / "polyu_xcam_train.parquet"
         else:
             folder, out = self.polyu_split_dirs()[0], self.work / "data" / "polyu_train.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
         index_images([(str(folder), "train")], out, seed=0, sampler=sampler,
                      sampler_options={"sigma_min": 0.0, "sigma_max": sigma_max}, log=lambda *_: None,
-                     noise="none" if which == "real_noisy" else "simulated")  # fmt: skip
+                     noise="none" if which in ("real_noisy", "xcam_noisy") else "simulated")  # fmt: skip
         if which in ("train", "gaussian") and self.preset.realisation == "fixed":
             from rcl_dist.data.simulate import simulate
 
@@ -1232,8 +1314,8 @@ class Harness:
         """A classical denoiser (no training) on the cell's test sets, whole images, sigma estimated per image."""
         from rcl_dist.classical import ClassicalDenoiser
 
-        model = ClassicalDenoiser(CLASSICAL[cell.method])
-        return self._evaluate_in_run(model, cell, {"classical": CLASSICAL[cell.method], "sigma": "estimated per image"})
+        name = CLASSICAL[cell.method.removesuffix(" (xcam)")]
+        return self._evaluate_in_run(ClassicalDenoiser(name), cell, {"classical": name, "sigma": "estimated per image"})
 
     def _run_gaussian(self, cell: Cell) -> dict[str, Any]:
         return self._evaluate_source(cell, {"sigmas": list(self.preset.sigmas)})
@@ -1417,6 +1499,11 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if key == "eval_limit":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SystemExit(f"--set eval_limit: expected a positive integer or null, got {text!r}")
+        elif key == "pretrained_lr":
+            try:
+                value = None if value is None else float(value)  # YAML 1.1 reads "2e-4" as a string
+            except (TypeError, ValueError):
+                raise SystemExit(f"--set pretrained_lr: expected a number or null, got {text!r}") from None
         elif key == "global_residual":
             if value is not None and not isinstance(value, bool):
                 raise SystemExit(f"--set global_residual: expected true, false or null (the auto rule), got {text!r}")

@@ -57,9 +57,11 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             # the row's label is the network that is built: the auto rule per method
             assert global_residual_of(cfg) == fid.resolved_global_residual(p, c), c.key
             assert global_residual_of(cfg) == (c.method in ("N2N", "N2S", "Nb2Nb", "B2U", "Oracle", "Oracle (Gaussian)",
-                                                            "N2S (real)", "Nb2Nb (real)")), c.key  # fmt: skip
-            if c.method in fid.REAL_PRETRAINED:  # real photographs: nothing simulated, nothing stored
-                assert c.manifest == "real_noisy" and cfg.data.noise == "none" and cfg.data.realisation == "fresh"
+                                                            "N2S (real)", "Nb2Nb (real)", "N2S (real, xcam)",
+                                                            "Nb2Nb (real, xcam)")), c.key  # fmt: skip
+            if c.method in fid.REAL_PRETRAINED + fid.XCAM_PRETRAINED:  # real photographs: nothing simulated, nothing stored
+                assert c.manifest == ("real_noisy" if c.method in fid.REAL_PRETRAINED else "xcam_noisy")
+                assert cfg.data.noise == "none" and cfg.data.realisation == "fresh"
             else:  # one data regime for every method: stored realisations (N2N: a second one, same parameters)
                 assert cfg.data.realisation == p.realisation == "fixed" and cfg.data.noise == "simulated"
             assert cfg.loss.b2u_grid == p.b2u_grid
@@ -98,9 +100,16 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
         for n in fid.REAL_LABELS:
             assert fid.cell_key(m, first, "real", n) in keys and fid.cell_key(f"{m} + SL", first, "real", n) in keys
             assert fid.cell_key(fid.SL_SCRATCH, first, "real", n) in keys
+    by_key = {c.key: c for c in plan}
+    for m in fid.XCAM_PRETRAINED:  # the same across cameras: trained on some camera models, tested on the others
+        for n in fid.REAL_LABELS:
+            for row in (m, f"{m} + SL", fid.SL_SCRATCH_XCAM):
+                cell = by_key[fid.cell_key(row, first, "real", n)]
+                assert cell.manifest == "xcam" and cell.evals == fid.XCAM_EVALS and cell.study.startswith("xcam-")
     for cname in fid.CLASSICAL:  # the untrained floor on the denoising and real-noise sets
         for task in ("denoise", "real"):
             assert fid.cell_key(cname, first, task, 0) in keys
+        assert by_key[fid.cell_key(f"{cname} (xcam)", first, "real", 0)].evals == fid.XCAM_EVALS
     gauss = next(c for c in plan if c.kind == "gaussian")  # the blind Gaussian Oracle, all CBSD68 images
     assert gauss.all_images and gauss.source == fid.cell_key(fid.ORACLE_GAUSS, first, "pretrain", 0)
     gsrc = next(c for c in plan if c.key == gauss.source)
@@ -130,6 +139,40 @@ def test_preset_overrides_from_the_command_line():
             fid.parse_sets(bad)
     with pytest.raises(ValueError, match="finetune_engine"):
         dataclasses.replace(fid.PRESETS["cpu"], finetune_engine="mpi")
+
+
+def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_fingerprints():
+    got = fid.parse_sets(["probe_first=true", "pretrained_lr=2e-4"])
+    assert got == {"probe_first": True, "pretrained_lr": 2e-4}
+    cpu = fid.PRESETS["cpu"]
+    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr")}
+    assert cpu.fingerprint() == fid.hashlib.sha256(fid.json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    p = dataclasses.replace(cpu, **got)
+    assert p.fingerprint() != cpu.fingerprint()
+    by_key = {c.key: c for c in fid.build_plan(p)}
+    full = fid.finetune_spec(p, by_key[fid.cell_key(fid.RCL_SL, 0, "denoise", 10)], "/nowhere/state.pt", "m.parquet", experiment="e")
+    scratch = fid.finetune_spec(p, by_key[fid.cell_key(fid.SL_SCRATCH, 0, "denoise", 10)], "none", "m.parquet", experiment="e")
+    proxy = fid.finetune_spec(p, by_key[fid.cell_key("RCL-EMD", 0, "denoise", p.proxy_labels)], "/nowhere/state.pt", "m.parquet", experiment="e")
+    assert (full.probe_first, full.lr) == (True, 2e-4)  # a pre-trained source: the lower rate
+    assert (scratch.probe_first, scratch.lr) == (True, p.lr)  # from scratch: the preset's rate
+    assert not proxy.probe_first
+    with pytest.raises(ValueError, match="pretrained_lr"):
+        dataclasses.replace(cpu, pretrained_lr=2.0)
+
+
+def test_cross_camera_split_is_by_camera_model(tmp_path):
+    src = tmp_path / "data" / fid.POLYU
+    src.mkdir(parents=True)
+    names = ["Canon5D2_a_1", "Canon80D_b_2", "NikonD800_c_3", "Sony_d_4", "Canon600D_e_5"]
+    for n in names:
+        for half in ("real", "mean"):
+            (src / f"{n}_{half}.JPG").write_bytes(b"x")
+    h = fid.Harness(fid.PRESETS["smoke"], tmp_path / "out" / "f", data_root=tmp_path / "data", log=lambda *_: None)
+    train, test = h.polyu_xcam_dirs()
+    assert sorted(p.name for p in test.iterdir()) == sorted(f"{n}_{x}.JPG" for n in names[2:4] for x in ("real", "mean"))
+    assert sorted(p.name for p in train.iterdir()) == sorted(f"{n}_{x}.JPG" for n in names if not n.startswith(("Nikon", "Sony"))
+                                                            for x in ("real", "mean"))  # fmt: skip
+    assert h.folder("@polyu_xcam_test") == test
 
 
 # ----------------------------------------------------------------------------- rows and reports
