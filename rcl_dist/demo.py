@@ -2,15 +2,16 @@
 
 1 index the bundled photographs (tiles, each with its own noise parameters) into a manifest;
 2 RCL pre-training on 2 Ray Train workers fed by DALI (CPU), tracked in the local MLflow store;
-3 proxy evaluation (a fresh last layer trained on the same few labels) of the RCL model against no
-  pre-training;
-4 full fine-tuning of the RCL model on a few labels;
-5 register the fine-tuned denoiser, promote it to ``@champion``, denoise a sample with it;
-6 a PSNR/SSIM table (noisy input, no pre-training, RCL) and a side-by-side PNG.
+3 proxy evaluation (a fresh last layer fitted on a few labels) of the RCL model against no
+  pre-training (a U-Net with the input skip from random weights: the stronger of the two a user has);
+4 full fine-tuning (LP-FT) on fewer labels, RCL against no pre-training;
+5 register the fine-tuned RCL denoiser, promote it to ``@champion``, denoise a sample with it;
+6 a PSNR/SSIM table, one reading line (RCL against the input and against no pre-training) and a
+  side-by-side PNG.
 
 Evaluation images: the first Kodak24 images of ``shared/data`` when present, else held-out bundled
-photographs that training never saw (the grey set converted to RGB). Budgets are small: the point is
-the flow, not the figures (``benchmarks/fidelity.py`` measures those).
+photographs that training never saw (the grey set converted to RGB). Budgets are small (about 5
+minutes on 2 cores); ``benchmarks/fidelity.py`` measures the methods at larger ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rcl_dist.console import quiet_libraries, ui_hint
 __all__ = ["run_demo"]
 
 DEMO_MODEL = "rcl-demo-denoiser"
+FULL_LR_PRETRAINED = 2e-4  # full fine-tuning of the pre-trained U-Net (see run_demo); from scratch: 1e-3
 
 
 def _eval_folder(home: Path, n: int) -> tuple[Path, str]:
@@ -115,10 +117,25 @@ def _comparison(models: dict[str, Any], labels: tuple[str, ...], sample: Path, p
     _side_by_side([(t, p.permute(1, 2, 0).numpy()) for t, p in panels], png)
 
 
+def _reading(rows: list[dict[str, Any]], full_labels: int) -> str:
+    """What the table says: RCL against the noisy input and against no pre-training, per mode."""
+    psnr = {r["method"]: r["psnr"] for r in rows}
+    base = psnr["noisy input"]
+    parts, wins = [], []
+    for mode, suffix in (("proxy", "proxy"), ("full", f"full ({full_labels} labels)")):
+        rcl, none = psnr[f"RCL, {suffix}"], psnr[f"no pre-training, {suffix}"]
+        parts.append(f"{mode}: RCL {rcl - base:+.2f} dB over the noisy input, {rcl - none:+.2f} dB over no pre-training")
+        wins.append(rcl > none)
+    verdict = ("pre-training pays off in both modes" if all(wins) else
+               "pre-training pays off in proxy mode only" if wins[0] else
+               "pre-training pays off after full fine-tuning only" if wins[1] else "pre-training does not pay off here")  # fmt: skip
+    return "reading: " + "; ".join(parts) + f": {verdict} (no pre-training: a U-Net with the input skip from random weights)"
+
+
 def run_demo(
     overrides: list[str],
     *,
-    pretrain_steps: int = 100,
+    pretrain_steps: int = 1000,
     finetune_steps: int = 150,
     labels: int = 64,
     full_labels: int = 32,
@@ -145,11 +162,23 @@ def run_demo(
     eval_dir, eval_what = _eval_folder(home, eval_images)
     crop = cfg.data.crop
 
-    def finetune(source: str, mode: str, n: int, name: str):
+    # "No pre-training" is the stronger of the two U-Nets a user could train from random weights: with
+    # the input skip (f(x) = x + head(body(x)), a zero head is the identity). The RCL U-Net's own twin
+    # (direct prediction from random weights) cannot even reproduce its input (measured: proxy 18.94
+    # dB, full 24.26, noisy input 29.00), a comparison RCL wins without telling the user anything.
+    # Full fine-tuning is LP-FT (the probe's head first, then Adam on every layer) for both; the
+    # learning rates follow earlier measurements on other images: a pre-trained direct-prediction U-Net
+    # over-fits a few labels at 1e-3 / 2e-3 and keeps its features at 2e-4
+    # (benchmarks/results/finetune_recipe_cpu.md), training from scratch needs Sec. 4's 1e-3.
+    scratch = cfg.to_dict()
+    scratch["model"]["global_residual"] = True
+
+    def finetune(source: str, mode: str, n: int, name: str, lr: float = 1e-3):
         spec = FinetuneSpec(
             source=source, task="denoise", mode=mode, labels=n, steps=finetune_steps, batch_size=16, crop=crop,
             manifest=manifest, workers=1, experiment="rcl-demo", run_name=f"{name}-{time.strftime('%H%M%S')}",
-            config=cfg.to_dict() if source == "none" else None, log_every=max(1, finetune_steps // 5),
+            config=scratch if source == "none" else None, log_every=max(1, finetune_steps // 5), lr=lr,
+            probe_first=mode == "full",
         )
         return run_finetune(spec, log=log)
 
@@ -157,8 +186,8 @@ def run_demo(
     ckpt = str(Path(pre.checkpoint_path))
     proxy_rcl = finetune(ckpt, "proxy", labels, "demo-proxy-rcl")
     proxy_none = finetune("none", "proxy", labels, "demo-proxy-scratch")
-    log(f"[demo 4/6] full fine-tuning of the RCL model on {full_labels} labelled crops")
-    full_rcl = finetune(ckpt, "full", full_labels, "demo-full-rcl")
+    log(f"[demo 4/6] full fine-tuning on {full_labels} labelled crops, RCL vs no pre-training")
+    full_rcl = finetune(ckpt, "full", full_labels, "demo-full-rcl", lr=FULL_LR_PRETRAINED)
     full_none = finetune("none", "full", full_labels, "demo-full-scratch")
     full = f"RCL, full ({full_labels} labels)"
     rows, models = _score([("no pre-training, proxy", proxy_none), ("RCL, proxy", proxy_rcl),
@@ -168,12 +197,13 @@ def run_demo(
     out_dir = home / "demo" / "denoised"
     mv, sample = _publish(full_rcl.mlflow_run_id, eval_dir, out_dir, uri, log)
     png = home / "demo" / "side_by_side.png"
-    _comparison(models, ("no pre-training, proxy", "RCL, proxy", full), sample, png)
+    _comparison(models, ("RCL, proxy", f"no pre-training, full ({full_labels} labels)", full), sample, png)
 
     log(f"[demo 6/6] PSNR / SSIM on {eval_what} (denoising, noise fixed per image):")
     log("| method | PSNR (dB) | SSIM |\n|---|---|---|")
     for r in rows:
         log(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    log(_reading(rows, full_labels))
     log(f"side-by-side: {png}")
     log(f"denoised sample: {out_dir / sample.name}")
     log(f"MLflow store: {uri}")
@@ -182,6 +212,6 @@ def run_demo(
     log("next, on your own images (README: 'Using it'):\n"
         "  rcl-dist data index photos/ --out photos.parquet\n"
         "  rcl-dist pretrain data.manifest=photos.parquet dist.run_name=mine\n"
-        "  rcl-dist finetune --from mine --task denoise --mode full --labels 10 --out my_denoiser"
+        "  rcl-dist finetune --from mine --task denoise --mode full --probe-first --lr 2e-4 --labels 10 --out my_denoiser"
         " && rcl-dist denoise --model my_denoiser photos/ denoised/")  # fmt: skip
     return {"rows": rows, "side_by_side": str(png), "tracking_uri": uri, "model_version": mv.version}

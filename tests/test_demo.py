@@ -30,6 +30,7 @@ def test_demo_pipeline_reduced(tmp_path, monkeypatch, capfd):
     assert out["model_version"] in ("1", 1)
     assert any("mlflow ui --backend-store-uri" in line for line in lines)
     assert any(line.startswith("| RCL, full") for line in lines)
+    assert any(line.startswith("reading: proxy: RCL") for line in lines)
     assert "rcl_dist.demo" in sys.modules
     # the console: each worker line once; none of Ray Train's routine chatter (before: 143 lines of the
     # placement-group cleaner's failed state-API polls, every report as a raw dict, each progress line twice)
@@ -39,3 +40,19 @@ def test_demo_pipeline_reduced(tmp_path, monkeypatch, capfd):
     for noise in ("Failed to query Ray Train Controller", "Reporting training result", "PreemptionWatcher",
                   "Downloading artifacts"):  # fmt: skip
         assert noise not in err, noise
+
+
+def test_reading_says_where_pre_training_pays_off():
+    from rcl_dist.demo import _reading
+
+    def rows(proxy_rcl, proxy_none, full_rcl, full_none):
+        return [{"method": "noisy input", "psnr": 29.0}, {"method": "no pre-training, proxy", "psnr": proxy_none},
+                {"method": "RCL, proxy", "psnr": proxy_rcl}, {"method": "no pre-training, full (32 labels)", "psnr": full_none},
+                {"method": "RCL, full (32 labels)", "psnr": full_rcl}]  # fmt: skip
+
+    text = _reading(rows(29.91, 29.14, 31.10, 31.84), 32)
+    assert text.startswith("reading: proxy: RCL +0.91 dB over the noisy input, +0.77 dB over no pre-training; "
+                           "full: RCL +2.10 dB over the noisy input, -0.74 dB over no pre-training")  # fmt: skip
+    assert "pays off in proxy mode only" in text
+    assert "pays off in both modes" in _reading(rows(31, 30, 32, 31), 32)
+    assert "does not pay off here" in _reading(rows(29, 30, 31, 32), 32)
