@@ -16,6 +16,7 @@ lines (they would tear it apart); warnings and errors still pass.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -114,7 +115,9 @@ def driver_progress(
 
     stream = sys.stderr if file is None else file
     board = _board_class().remote()
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=stream, dynamic_ncols=True, leave=True,
+    # a terminal that reports no size (a bare pty) would get a bar of width 0: take 120 columns then
+    width = shutil.get_terminal_size((0, 0)).columns or 120
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=stream, ncols=width, leave=True,
                mininterval=0.2, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
     stop = threading.Event()
     seen = {"posts": 0, "metrics": {}}
