@@ -212,6 +212,6 @@ def run_demo(
     log("next, on your own images (README: 'Using it'):\n"
         "  rcl-dist data index photos/ --out photos.parquet\n"
         "  rcl-dist pretrain data.manifest=photos.parquet dist.run_name=mine\n"
-        "  rcl-dist finetune --from mine --task denoise --mode full --probe-first --lr 2e-4 --labels 10 --out my_denoiser"
+        "  rcl-dist finetune --from mine --task denoise --mode full --lr 2e-4 --labels 10 --out my_denoiser"
         " && rcl-dist denoise --model my_denoiser photos/ denoised/")  # fmt: skip
     return {"rows": rows, "side_by_side": str(png), "tracking_uri": uri, "model_version": mv.version}

@@ -111,7 +111,7 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"schedule": "step"}, "schedule"),
         ({"warmup": 5, "steps": 5}, "warmup 5 must be smaller than steps 5"),
         ({"probe_first": True}, "probe_first applies to mode 'full'"),
-        ({"probe_first": True, "mode": "full", "fit": "adam"}, "probe_first fits the last layer in closed form"),
+        ({"probe_first": True, "mode": "full", "fit": "adam"}, "fits the last layer in closed form: use fit"),
         ({"probe_first": 1, "mode": "full"}, "probe_first must be true or false"),
     ],
 )
@@ -356,3 +356,11 @@ def test_cli_local_pretrain_save_is_a_checkpoint_finetune_accepts(data, tmp_path
     model, _, _ = finetune_local(_spec(str(out), data["rgb"]))
     before, after = _body(saved), _body(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # the proxy kept that body
+
+
+def test_cli_full_fine_tuning_probes_first_unless_told_not_to():
+    from rcl_dist.cli import _parser
+
+    base = ["finetune", "--from", "x", "--task", "denoise", "--mode", "full"]
+    assert _parser().parse_args(base).probe_first is True
+    assert _parser().parse_args([*base, "--no-probe-first"]).probe_first is False
