@@ -358,9 +358,9 @@ def test_cli_local_pretrain_save_is_a_checkpoint_finetune_accepts(data, tmp_path
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # the proxy kept that body
 
 
-def test_cli_full_fine_tuning_probes_first_unless_told_not_to():
+def test_cli_full_fine_tuning_probes_first_when_asked():
     from rcl_dist.cli import _parser
 
     base = ["finetune", "--from", "x", "--task", "denoise", "--mode", "full"]
-    assert _parser().parse_args(base).probe_first is True
-    assert _parser().parse_args([*base, "--no-probe-first"]).probe_first is False
+    assert _parser().parse_args(base).probe_first is False
+    assert _parser().parse_args([*base, "--probe-first"]).probe_first is True

@@ -132,8 +132,8 @@ class FinetuneSpec:
         if self.probe_first and self.mode != "full":
             raise ConfigError("probe_first applies to mode 'full' (proxy mode fits only the last layer anyway)")
         if self.probe_first and self.fit == "adam":
-            raise ConfigError("probe_first (the CLI's --probe-first, on by default in full mode) fits the last layer in closed form: "
-                              "use fit 'lstsq+l1' or 'lstsq', not 'adam', or turn it off (--no-probe-first)")
+            raise ConfigError("probe_first (--probe-first) fits the last layer in closed form: use fit 'lstsq+l1' or "
+                              "'lstsq', not 'adam'")
         if self.mode == "proxy" and self.head == "keep":
             raise ConfigError("head 'keep' contradicts mode 'proxy': proxy evaluation replaces the last layer with a fresh one")
         if self.is_random_init:
