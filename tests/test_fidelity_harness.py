@@ -4,6 +4,8 @@ engines (Ray Train + DALI pre-training, Ray Train fine-tuning, MLflow) on tiny i
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import importlib.util
 import json
@@ -79,6 +81,8 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
                 assert global_residual_of(Config.from_dict(spec.config)) == (c.mode == "full"), c.key
                 assert fid.resolved_global_residual(p, c) == (c.mode == "full"), c.key
             assert c.evals, c.key
+        for dataset, *_ in c.evals:  # part of MLflow metric names: alphanumerics, _ - . space : / only
+            assert re.fullmatch(r"[\w\-. :/]+", f"eval.{c.task}.{dataset}.psnr_mean"), dataset
     # the matrix the issue asks for
     first = p.seeds[0]
     for method in ("RCL-EMD", "N2N", "N2S", "Nb2Nb", fid.RANDOM_INIT, "Oracle"):
