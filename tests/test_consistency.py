@@ -218,6 +218,28 @@ def test_gradients_reach_the_input(kind: str) -> None:
     assert noisy.grad is None  # phi(g(x)) of the noisy input is a fixed target
 
 
+@pytest.mark.parametrize("kind", ["lite0", "resnet50"])
+def test_channels_last_encoder_gives_the_usual_layouts_values_and_gradients(kind: str) -> None:
+    """The encoder runs in NHWC (faster convolutions); features and input gradients are those of NCHW."""
+    import copy
+
+    enc = _random_encoder(kind)
+    conv_weights = [m.weight for m in enc.net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    ref = copy.deepcopy(enc)
+    ref.net.to(memory_format=torch.contiguous_format)
+    x = torch.rand(2, 3, 48, 40, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, want = enc(x), ref._features(ref.preprocess(x_ref))  # the usual layout, straight through _features
+    assert want.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - want).norm() <= 1e-5 * want.norm()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    out.backward(g)
+    want.backward(g)
+    # float rounding of other summation orders, through up to 10 layers of a random network: norm-wise
+    assert (x.grad - x_ref.grad).norm() <= 1e-4 * x_ref.grad.norm()
+
+
 def test_grayscale_is_repeated_to_rgb(lite0: EfficientNetLite0Encoder) -> None:
     gray = torch.rand(2, 1, 64, 64)
     with torch.no_grad():

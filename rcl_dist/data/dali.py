@@ -4,9 +4,12 @@ One pipeline definition serves both devices: ``device_id=None`` builds a CPU-onl
 ``device_id`` (the *local* GPU index) decodes with the ``"mixed"`` backend and does the crops, the
 Eq. 8 noise and the resizing on that GPU. What the pipelines produce is
 :class:`~rcl_dist.data.spec.PairSpec`'s contract, the same pairs as :mod:`rcl_dist.data.reference`.
-Decoding keeps 16-bit files' full depth; crops are integer slices (even for RAW, so each starts on an
-R pixel); fixed realisations are read in step with the images; the file list is padded so every rank
-yields the same number of batches per epoch; a vanished file is left out when the loader is built,
+Only what a sample needs is decoded: the window of its crop (ROI decoding, ``fn.decoders.image_slice``;
+for pre-training the parent crop, the only place the noise is drawn), and on a CPU a small pre-training
+set is decoded once and kept in memory (:mod:`rcl_dist.data.decoded`). Decoding keeps 16-bit files'
+full depth; crops are integer slices (even for RAW, so each starts on an R pixel); fixed realisations
+are read in step with the images; the file list is padded so every rank yields the same number of
+batches per epoch; a vanished file is left out when the loader is built,
 and one that vanishes mid-epoch fails the loader loudly instead of yielding empty epochs. The
 reasons behind each of these: ``docs/data.md``.
 """
@@ -23,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rcl_dist.data.decoded import DEFAULT_BUDGET, DecodedImages, decode_into_memory, fits, keep_until_collected
 from rcl_dist.data.manifest import load_manifest
 from rcl_dist.data.spec import PairSpec, crop_geometry, pipeline_rows, derived_seed, is_real_noisy, real_partner, simulated_path
 
@@ -52,6 +56,7 @@ class _Plan:
     all_8bit: bool  # every selected file is 8-bit: decode to uint8 and scale (3x faster than FLOAT)
     per_shard: int  # samples per shard and epoch (padding repeats included)
     skipped: list[str] = field(default_factory=list)
+    decoded: DecodedImages | None = None  # pretrain: every image decoded once, kept in memory (data/decoded.py)
 
 
 def _existing(table: pa.Table, spec: PairSpec, reads_image: bool) -> tuple[pa.Table, list[str], list[str] | None, list[str]]:
@@ -173,13 +178,13 @@ class _Ops:
     needs them (the order fixes the operators' seeds and the CPU noise draws' generators).
     """
 
-    def __init__(self, plan: _Plan, spec: PairSpec, gpu: bool) -> None:
+    def __init__(self, plan: _Plan, spec: PairSpec, gpu: bool, prefetch: int = 2) -> None:
         import nvidia.dali.fn as fn
         import nvidia.dali.math as dmath
         import nvidia.dali.types as types
 
         self.fn, self.dmath, self.types = fn, dmath, types
-        self.plan, self.spec, self.gpu = plan, spec, gpu
+        self.plan, self.spec, self.gpu, self.prefetch = plan, spec, gpu, prefetch
         self.raw = spec.raw is not None
         self.channels = 1 if spec.gray else 3
         self.fixed = bool(plan.noisy)
@@ -207,21 +212,43 @@ class _Ops:
     def numpy_reader(self, files: list[str], name: str | None):
         return self.fn.readers.numpy(files=[files[i] for i in self.plan.order], name=name, **self.reader_args)
 
-    def decode(self, enc):
-        fn, types, spec = self.fn, self.types, self.spec
-        gray_out = spec.gray and self.plan.gray_decode
-        kind = types.GRAY if gray_out else types.RGB
-        if self.plan.all_8bit:
-            # measured on 2 CPU cores: decoding to FLOAT runs at ~780 images/s, to uint8 at ~2500/s;
-            # the cast after decoding is exact (k/255 either way)
-            img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=kind)
-            img = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
-        else:
-            # [0, 1]: /255 for 8-bit, /65535 for 16-bit files (keeps all 16 bits)
-            img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=kind, dtype=types.FLOAT)
-        if spec.gray and not gray_out:
-            img = fn.reductions.sum(img * self.const(np.array(_LUMA)), axes=[2], keep_dims=True)
+    def to_float(self, x):
+        """uint8 -> float in [0, 1] (k/255, exact: the same as decoding to FLOAT, 3x cheaper on a CPU)."""
+        return self.fn.cast(x, dtype=self.types.FLOAT) * (1.0 / 255.0)
+
+    def decode_kind(self):
+        """GRAY when every file is 1-channel and the spec asks for grey, else RGB (grey then via luma)."""
+        return self.types.GRAY if self.spec.gray and self.plan.gray_decode else self.types.RGB
+
+    def luma(self, img):
+        """RGB -> grey as skimage.color.rgb2gray when a grey spec reads RGB files; else ``img`` itself."""
+        if self.spec.gray and not self.plan.gray_decode:
+            return self.fn.reductions.sum(img * self.const(np.array(_LUMA)), axes=[2], keep_dims=True)
         return img
+
+    def decode_window(self, enc, start, size: int):
+        """The size x size window at ``start`` (int32 [y, x]) of an encoded image, float HWC in [0, 1].
+
+        Only that region is decoded (ROI decoding, ``fn.decoders.image_slice``; the ``"mixed"`` backend on
+        a GPU), so the cast and everything after it touch the window, not the whole image. 16-bit files
+        keep their depth (decoded to FLOAT: /65535).
+        """
+        fn, types = self.fn, self.types
+        args = dict(start=start, shape=[size, size], axes=[0, 1], device="mixed" if self.gpu else "cpu",
+                    output_type=self.decode_kind())  # fmt: skip
+        if self.plan.all_8bit:
+            img = self.to_float(fn.decoders.image_slice(enc, **args))
+        else:
+            img = fn.decoders.image_slice(enc, **args, dtype=types.FLOAT)
+        return self.luma(img)
+
+    def decoded_reader(self):
+        """(the uint8 HWC image of each sample from the decoded copy in memory, its [h, w], its label)."""
+        fn, types, decoded = self.fn, self.types, self.plan.decoded
+        raw, label = self.image_reader(decoded.files, "Reader")  # raw pixel bytes, read like the image files
+        h, w = _lookup(fn, types, label, decoded.heights), _lookup(fn, types, label, decoded.widths)
+        shape = fn.cast(fn.stack(h, w, h * 0.0 + float(decoded.channels)), dtype=types.INT32)
+        return fn.reshape(raw, shape=shape, layout="HWC"), fn.stack(h, w), label
 
     def hw_of_encoded(self, enc):
         return self.fn.peek_image_shape(enc, dtype=self.types.FLOAT)[0:2]
@@ -267,11 +294,14 @@ class _Ops:
     def add_noise(self, x, label, hwc: tuple[int, int, int]):
         """Eq. 8: x + sqrt(max(shot*x + read, 0)) * N(0, 1) with the image's own (shot, read).
 
-        ``hwc``: the static shape of x. On the GPU the draw is DALI's ``fn.random.normal``. On the CPU
-        DALI's normal generator produces ~60 M values/s on 2 cores against ~400 M/s for torch's
-        vectorised one, and it bounded the whole pipeline (see benchmarks/results/data_throughput.md):
-        there the N(0, 1) batch comes from a torch.Generator (seeded per rank and per draw) through an
-        external source, and DALI does the arithmetic.
+        ``hwc``: the static shape of x (for pre-training, the parent crop: the only place noise is drawn).
+        On the GPU the draw is DALI's ``fn.random.normal``. On the CPU DALI's normal generator produces
+        ~60 M values/s on 2 cores against ~400 M/s for torch's vectorised one, and it bounded the whole
+        pipeline (see benchmarks/results/data_throughput.md): there the N(0, 1) batch comes from a
+        torch.Generator (seeded per rank and per draw) through an external source, and DALI does the
+        arithmetic. The draw fills one of a ring of preallocated buffers in place and DALI reads it
+        without a copy (``no_copy``): a buffer is refilled ``prefetch + 3`` draws later, after DALI is
+        done with it (DALI's rule: a fed buffer may change once ``prefetch`` more iterations have run).
         """
         spec, fn = self.spec, self.fn
         if spec.noise == "none":  # real noisy photographs: the pixels as they are
@@ -282,13 +312,14 @@ class _Ops:
         else:
             n_draw = str(len(self._noise_sources))
             gen = torch.Generator().manual_seed(derived_seed(spec.seed, "dali-noise", str(spec.shard_id), n_draw))
-            shape = (spec.batch_size, *hwc)
+            ring = [torch.empty((spec.batch_size, *hwc)) for _ in range(self.prefetch + 3)]
+            fills = iter(range(1 << 62))
 
             def draw():
-                return torch.randn(shape, generator=gen).numpy()
+                return ring[next(fills) % len(ring)].normal_(generator=gen).numpy()
 
             self._noise_sources.append(draw)
-            eps = fn.external_source(source=draw, batch=True, dtype=self.types.FLOAT, layout="HWC", no_copy=False)
+            eps = fn.external_source(source=draw, batch=True, dtype=self.types.FLOAT, layout="HWC", no_copy=True)
         return x + self.dmath.sqrt(self.dmath.max(sh * x + rd, 0.0)) * eps
 
     def out(self, x):
@@ -313,9 +344,12 @@ def _pretrain_graph(o: _Ops):
         arr = o.numpy_reader(o.plan.noisy[0], "Reader")
         parent = o.to_dev(o.crop(arr, o.anchor(o.hw_of_array(arr), parent_side, raw), parent_side))
     else:
-        enc, label = o.image_reader(o.plan.images, "Reader")
-        img = o.decode(enc)
-        parent = o.crop(img, o.anchor(o.hw_of_encoded(enc), parent_side, raw), parent_side)
+        if o.plan.decoded is not None:  # decoded once, in memory: cut the parent crop out of the pixels
+            img, hw, label = o.decoded_reader()
+            parent = o.luma(o.to_float(o.to_dev(o.crop(img, o.anchor(hw, parent_side, raw), parent_side))))
+        else:  # decode the parent crop alone
+            enc, label = o.image_reader(o.plan.images, "Reader")
+            parent = o.decode_window(enc, o.anchor(o.hw_of_encoded(enc), parent_side, raw), parent_side)
         if raw:
             parent = o.mosaic(parent, parent_side)  # before the noise: noise lives in the RAW domain
         parent = o.add_noise(parent, label, (parent_side, parent_side, 1 if raw else o.channels))  # once: both crops share it
@@ -333,7 +367,7 @@ def _n2n_graph(o: _Ops):
         at = o.anchor(o.dmath.min(o.hw_of_array(a0), o.hw_of_array(a1)), c, False)
         return [o.out(o.to_dev(o.crop(a0, at, c))), o.out(o.to_dev(o.crop(a1, at, c)))], label
     enc, label = o.image_reader(o.plan.images, "Reader")
-    clean = o.crop(o.decode(enc), o.anchor(o.hw_of_encoded(enc), c, False), c)
+    clean = o.decode_window(enc, o.anchor(o.hw_of_encoded(enc), c, False), c)
     hwc = (c, c, o.channels)
     return [o.out(o.add_noise(clean, label, hwc)), o.out(o.add_noise(clean, label, hwc))], label
 
@@ -347,9 +381,9 @@ def _denoise_graph(o: _Ops):
         arr = o.numpy_reader(o.plan.noisy[0], None)
         at = o.anchor(o.dmath.min(hw, o.hw_of_array(arr)), c, even)
         noisy = o.to_dev(o.crop(arr, at, c))
-        clean = o.crop(o.decode(enc), at, c)
+        clean = o.decode_window(enc, at, c)
     else:
-        clean = o.crop(o.decode(enc), o.anchor(hw, c, even), c)
+        clean = o.decode_window(enc, o.anchor(hw, c, even), c)
         noisy = o.add_noise(o.mosaic(clean, c) if even else clean, label, (c, c, 1 if even else o.channels))
     return [o.out(noisy), o.fn.transpose(clean, perm=[2, 0, 1])], label
 
@@ -358,7 +392,7 @@ def _sr_graph(o: _Ops):
     """Tasks sr and jdensr: (bicubic LR, HR) crops; jdensr's LR one is noisy."""
     c = o.spec.crop
     enc, label = o.image_reader(o.plan.images, "Reader")
-    hr = o.crop(o.decode(enc), o.anchor(o.hw_of_encoded(enc), c, False), c)
+    hr = o.decode_window(enc, o.anchor(o.hw_of_encoded(enc), c, False), c)
     lr_side = c // o.spec.scale
     lr = o.fn.resize(hr, size=[lr_side, lr_side], interp_type=o.types.INTERP_CUBIC, antialias=True)
     if o.spec.task == "jdensr":
@@ -372,18 +406,18 @@ def _real_graph(o: _Ops):
     enc, label = o.image_reader(o.plan.images, "Reader")
     enc_mean, _ = o.image_reader(o.plan.partners, None)
     at = o.anchor(o.dmath.min(o.hw_of_encoded(enc), o.hw_of_encoded(enc_mean)), c, False)  # one position for both
-    return [o.out(o.crop(o.decode(enc), at, c)), o.out(o.crop(o.decode(enc_mean), at, c))], label
+    return [o.out(o.decode_window(enc, at, c)), o.out(o.decode_window(enc_mean, at, c))], label
 
 
 _TASK_GRAPHS = {"pretrain": _pretrain_graph, "n2n": _n2n_graph, "denoise": _denoise_graph, "jdd": _denoise_graph,
                 "sr": _sr_graph, "jdensr": _sr_graph, "real": _real_graph}  # fmt: skip
 
 
-def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool):
+def _graph(plan: _Plan, spec: PairSpec, gpu: bool, return_index: bool, prefetch: int = 2):
     """The body of the pipeline (called inside ``@pipeline_def``); returns the outputs in ``spec.keys`` order."""
     if spec.task not in _TASK_GRAPHS:  # PairSpec validates the task
         raise AssertionError(spec.task)
-    ops = _Ops(plan, spec, gpu)
+    ops = _Ops(plan, spec, gpu, prefetch)
     outs, label = _TASK_GRAPHS[spec.task](ops)
     if return_index:
         if label is None:  # fixed pretrain / n2n read no image: a file reader of the same list gives the labels
@@ -424,7 +458,7 @@ def _build(plan: _Plan, spec: PairSpec, device_id: int | None, num_threads: int,
 
     @pipeline_def
     def rcl_pipeline():
-        return _graph(plan, spec, device_id is not None, return_index)
+        return _graph(plan, spec, device_id is not None, return_index, prefetch)
 
     pipe = rcl_pipeline(
         batch_size=spec.batch_size,
@@ -446,11 +480,33 @@ def _planned_pipeline(
     simulated_dir: str | os.PathLike | None = None,
     prefetch: int = 2,
     return_index: bool = False,
+    keep_decoded: bool | None = None,
 ) -> tuple[_Plan, Any, list[str]]:
     """(the plan, the built pipeline, its output names): the options of :func:`build_pipeline` and
     :class:`DALILoader`, in one place."""
     plan = _plan(manifest, spec, simulated_dir)
-    return plan, _build(plan, spec, device_id, num_threads, prefetch, return_index), _output_names(spec, return_index)
+    if _keeps_decoded(plan, spec, device_id, keep_decoded):
+        plan.decoded = decode_into_memory(plan.images, gray=spec.gray and plan.gray_decode, num_threads=num_threads)
+    pipe = _build(plan, spec, device_id, num_threads, prefetch, return_index)
+    if plan.decoded is not None:
+        keep_until_collected(pipe, plan.decoded)
+    return plan, pipe, _output_names(spec, return_index)
+
+
+def _keeps_decoded(plan: _Plan, spec: PairSpec, device_id: int | None, asked: bool | None) -> bool:
+    """Whether the pre-training images are decoded once and kept in memory (rcl_dist/data/decoded.py).
+
+    ``asked`` None: on a CPU pipeline when the decoded 8-bit images fit :data:`DEFAULT_BUDGET` (and a
+    quarter of the free memory folder); measured here, cutting the parent crop out of decoded pixels
+    instead of decoding it (ROI) took the input stage from ~2,400 to ~9,000 crops/s at 64x64. On a GPU the
+    mixed decoder is the fast path. True asks for it (still only for what it applies to), False never.
+    """
+    applies = spec.task == "pretrain" and plan.images is not None and not plan.noisy and plan.all_8bit
+    if asked is False or not applies:
+        return False
+    channels = 1 if spec.gray and plan.gray_decode else 3
+    nbytes = channels * sum(int(w) * int(h) for w, h in zip(plan.rows["width"].to_pylist(), plan.rows["height"].to_pylist()))
+    return bool(asked) or (device_id is None and fits(nbytes, DEFAULT_BUDGET))
 
 
 def build_pipeline(manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any):
@@ -460,8 +516,9 @@ def build_pipeline(manifest: pa.Table | str | os.PathLike, spec: PairSpec, **opt
     index of each sample into the usable rows (:attr:`DALILoader.rows`). Keyword options:
     ``device_id`` (None, the default: a CPU-only pipeline; else the local GPU index), ``num_threads``
     (2), ``simulated_dir`` (the folder of fixed realisations, needed for ``realisation="fixed"``),
-    ``prefetch`` (2, DALI's prefetch queue depth) and ``return_index`` (False). Its reader is named
-    ``"Reader"``.
+    ``prefetch`` (2, DALI's prefetch queue depth), ``return_index`` (False) and ``keep_decoded``
+    (None: pre-training images decoded once and kept in memory where they fit, on a CPU; True / False:
+    asked for or never; see :func:`_keeps_decoded`). Its reader is named ``"Reader"``.
     """
     return _planned_pipeline(manifest, spec, **options)[1]
 
@@ -477,7 +534,7 @@ class DALILoader:
 
     def __init__(self, manifest: pa.Table | str | os.PathLike, spec: PairSpec, **options: Any) -> None:
         """``options``: those of :func:`build_pipeline` (``device_id``, ``num_threads``, ``simulated_dir``,
-        ``prefetch``, ``return_index``)."""
+        ``prefetch``, ``return_index``, ``keep_decoded``)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.spec = spec
@@ -495,6 +552,11 @@ class DALILoader:
     def rows(self) -> pa.Table:
         """The manifest rows this loader reads; ``batch["index"]`` indexes them."""
         return self._plan.rows
+
+    @property
+    def keeps_decoded(self) -> bool:
+        """Whether the images were decoded once when the loader was built and are read from memory."""
+        return self._plan.decoded is not None
 
     @property
     def skipped(self) -> int:

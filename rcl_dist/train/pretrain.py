@@ -30,7 +30,7 @@ from rcl_dist.train.schedule import lr_factor
 from rcl_dist.losses.build import build_consistency_from_config, build_objective_from_config
 from rcl_dist.train.diagnostics import calibrate_alpha, gradient_diagnostics, manifest_noise_probe
 from rcl_dist.train.guards import NonFiniteGuard, check_finite_weights
-from rcl_dist.train.worker import DDPRestorer, worker_setup
+from rcl_dist.train.worker import DDPRestorer, place_model, worker_setup
 from rcl_dist.train.progress import post_progress
 
 __all__ = ["train_func_per_worker", "pair_spec", "FAULT_ENV", "METHOD_TASK"]
@@ -217,9 +217,7 @@ class _Worker:
 
 def _build(cfg: Config, rank: int, device: torch.device) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """Phase 3: the model on its device, the objective (with its consistency term) and Adam."""
-    inner = build_model_from_config(cfg).to(device)
-    if device.type == "cuda" and cfg.dist.channels_last:
-        inner = inner.to(memory_format=torch.channels_last)
+    inner = place_model(build_model_from_config(cfg), cfg.dist.channels_last, device)  # NHWC: faster on GPUs and CPUs
     gen = torch.Generator().manual_seed(cfg.train.seed + rank)
     consistency = build_consistency_from_config(cfg) if cfg.loss.method in ("rcl", "consistency") else None
     if consistency is not None:
