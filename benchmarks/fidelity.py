@@ -163,6 +163,13 @@ class Preset:
     # a few labels at 2e-3 and keeps its features at 2e-4, benchmarks/results/finetune_recipe_cpu.md)
     probe_first: bool = False
     pretrained_lr: float | None = None
+    # full fine-tuning's label augmentation (FinetuneSpec.augment; the product's default is "auto"):
+    # "none", the harness's behaviour before the option existed, keeps earlier records current
+    augment: str = "none"
+    # seeds of the real-noise and cross-camera studies (pre-training and every cell built on it); empty:
+    # the first of `seeds`. It only adds cells (a cell's content depends on its own seed), so it is left
+    # out of the fingerprint and the cells of seed 0 stay cached when seeds are added
+    real_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.finetune_engine not in ("local", "ray"):
@@ -180,6 +187,10 @@ class Preset:
 
         if self.proxy_fit not in PROBE_FITS:
             raise ValueError(f"preset {self.name}: proxy_fit must be one of {list(PROBE_FITS)}, got {self.proxy_fit!r}")
+        from rcl_dist.train.finetune_spec import AUGMENTS
+
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"preset {self.name}: augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.realisation not in ("fixed", "fresh"):
             raise ValueError(f"preset {self.name}: realisation must be 'fixed' or 'fresh', got {self.realisation!r}")
         if self.pretrained_lr is not None and not (isinstance(self.pretrained_lr, float) and 0 < self.pretrained_lr < 1):
@@ -192,11 +203,13 @@ class Preset:
 
     def fingerprint(self) -> str:
         # fields added after records were made count only when set, so those records stay current
-        d = {k: v for k, v in self.as_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        d = {k: v for k, v in self.as_dict().items()
+             if k not in _PLAN_ONLY_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None}
+_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none"}
+_PLAN_ONLY_FIELDS = frozenset({"real_seeds"})  # which cells run, never what a cell computes
 
 
 PRESETS: dict[str, Preset] = {
@@ -374,7 +387,11 @@ def build_plan(p: Preset) -> list[Cell]:
         raise ValueError(f"preset {p.name}: label_seeds {p.label_seeds} must be a subset of seeds {p.seeds}")
     cells: list[Cell] = []
 
+    real_seeds = p.real_seeds or (first,)
+
     def pre_seeds(method: str) -> tuple[int, ...]:
+        if method in REAL_PRETRAINED or method in XCAM_PRETRAINED:
+            return real_seeds
         return p.seeds if method in MULTI_SEED else (first,)
 
     for method, ov in PRETRAIN_METHODS.items():
@@ -432,27 +449,28 @@ def build_plan(p: Preset) -> list[Cell]:
                       source=cell_key(ORACLE_GAUSS, first, "pretrain", 0), evals=_evals("gaussian", p.sigmas)))  # fmt: skip
     # the real-noise study (PolyU test split): networks pre-trained on PolyU's noisy halves only, proxy and
     # full fine-tuning on 10 and 100 crops of real pairs, against SL from scratch on the same pairs
-    for method in REAL_PRETRAINED:
+    for s in real_seeds:
+        for method in REAL_PRETRAINED:
+            for n in REAL_LABELS:
+                for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
+                    name = method if mode == "proxy" else f"{method} + SL"  # one key per (network, mode)
+                    cells.append(Cell("finetune", name, s, "real", n, study=f"real-{mode}", mode=mode, steps=steps,
+                                      source=cell_key(method, s, "pretrain", 0), batch_size=p.batch_size,
+                                      manifest="real", evals=_evals("real"), fit=p.proxy_fit))  # fmt: skip
         for n in REAL_LABELS:
-            for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
-                name = method if mode == "proxy" else f"{method} + SL"  # one key per (network, mode)
-                cells.append(Cell("finetune", name, first, "real", n, study=f"real-{mode}", mode=mode, steps=steps,
-                                  source=cell_key(method, first, "pretrain", 0), batch_size=p.batch_size,
-                                  manifest="real", evals=_evals("real"), fit=p.proxy_fit))  # fmt: skip
-    for n in REAL_LABELS:
-        cells.append(Cell("finetune", SL_SCRATCH, first, "real", n, study="real-full", mode="full", steps=p.full_steps,
-                          batch_size=p.batch_size, manifest="real", evals=_evals("real")))  # fmt: skip
-    # the cross-camera study: the same cells, trained on the other cameras, tested on POLYU_XCAM_TEST
-    for method in XCAM_PRETRAINED:
+            cells.append(Cell("finetune", SL_SCRATCH, s, "real", n, study="real-full", mode="full", steps=p.full_steps,
+                              batch_size=p.batch_size, manifest="real", evals=_evals("real")))  # fmt: skip
+        # the cross-camera study: the same cells, trained on the other cameras, tested on POLYU_XCAM_TEST
+        for method in XCAM_PRETRAINED:
+            for n in REAL_LABELS:
+                for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
+                    name = method if mode == "proxy" else f"{method} + SL"
+                    cells.append(Cell("finetune", name, s, "real", n, study=f"xcam-{mode}", mode=mode, steps=steps,
+                                      source=cell_key(method, s, "pretrain", 0), batch_size=p.batch_size,
+                                      manifest="xcam", evals=XCAM_EVALS, fit=p.proxy_fit))  # fmt: skip
         for n in REAL_LABELS:
-            for mode, steps in (("proxy", p.proxy_steps), ("full", p.full_steps)):
-                name = method if mode == "proxy" else f"{method} + SL"
-                cells.append(Cell("finetune", name, first, "real", n, study=f"xcam-{mode}", mode=mode, steps=steps,
-                                  source=cell_key(method, first, "pretrain", 0), batch_size=p.batch_size,
-                                  manifest="xcam", evals=XCAM_EVALS, fit=p.proxy_fit))  # fmt: skip
-    for n in REAL_LABELS:
-        cells.append(Cell("finetune", SL_SCRATCH_XCAM, first, "real", n, study="xcam-full", mode="full", steps=p.full_steps,
-                          batch_size=p.batch_size, manifest="xcam", evals=XCAM_EVALS))  # fmt: skip
+            cells.append(Cell("finetune", SL_SCRATCH_XCAM, s, "real", n, study="xcam-full", mode="full",
+                              steps=p.full_steps, batch_size=p.batch_size, manifest="xcam", evals=XCAM_EVALS))  # fmt: skip
     # the floor a trained model must clear: classical denoisers on the same test inputs (denoise, real, xcam)
     for name in CLASSICAL:
         for task in ("denoise", "real"):
@@ -533,6 +551,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         crop=p.crop,
         manifest=manifest,
         probe_first=p.probe_first and cell.mode == "full",
+        augment=p.augment,
         config=random_init_config(p, cell.raw, supervised=cell.mode == "full") if source == "none" else None,
         workers=w,
         use_gpu=p.use_gpu and engine_ray,

@@ -9,10 +9,14 @@ it is (no labels) is the zero-label row. Each row records the label L1 before an
 so an optimisation failure (label L1 up) reads apart from over-fitting (label L1 down, test PSNR down).
 
 A recipe is ``NAME:key=value,...`` over FinetuneSpec fields (``lr``, ``steps``, ``warmup``,
-``schedule``, ``head``, ``batch_size``, ``init``): e.g. ``low-lr:lr=2e-4``.
+``schedule``, ``head``, ``batch_size``, ``probe_first``, ``augment``, ...): e.g. ``low-lr:lr=2e-4``.
+``source=none`` trains the fidelity harness's from-scratch network instead (``random_init_config`` of
+its ``cpu`` preset: the input-skip U-Net 16/3 of its "SL (scratch)" rows) on the same labels.
 
     python benchmarks/finetune_recipe.py --source CKPT --manifest M.parquet --labels 10 100 \\
         --recipe paper:lr=2e-3 --recipe low:lr=2e-4 --out benchmarks/results/finetune_recipe_cpu
+    python benchmarks/finetune_recipe.py ... --recipe lpft:probe_first=true,lr=2e-4,augment=none \\
+        --recipe lpft-aug:probe_first=true,lr=2e-4,augment=auto --recipe scratch:source=none,augment=none ...
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     fields: dict = {}
     for item in filter(None, body.split(",")):
         k, _, v = item.partition("=")
+        if v.lower() in ("true", "false"):
+            fields[k.strip()] = v.lower() == "true"
+            continue
         for cast in (int, float):
             try:
                 v = cast(v)
@@ -84,6 +91,11 @@ def main() -> int:
                         lr=2e-3, seed=0, crop=args.crop, manifest=args.manifest, schedule="cosine", warmup=50,
                         tracking=False, log_every=50)  # fmt: skip
             base.update(fields)
+            if base["source"] == "none":  # the harness's from-scratch network
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from fidelity import PRESETS, random_init_config
+
+                base["config"] = random_init_config(PRESETS["cpu"], False, supervised=True)
             t0 = time.perf_counter()
             model, metrics, history = finetune_local(FinetuneSpec(**base))
             secs = time.perf_counter() - t0

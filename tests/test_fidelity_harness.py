@@ -149,7 +149,7 @@ def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_finger
     got = fid.parse_sets(["probe_first=true", "pretrained_lr=2e-4"])
     assert got == {"probe_first": True, "pretrained_lr": 2e-4}
     cpu = fid.PRESETS["cpu"]
-    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr")}
+    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr", "augment", "real_seeds")}
     assert cpu.fingerprint() == fid.hashlib.sha256(fid.json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
     p = dataclasses.replace(cpu, **got)
     assert p.fingerprint() != cpu.fingerprint()
@@ -162,6 +162,37 @@ def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_finger
     assert not proxy.probe_first
     with pytest.raises(ValueError, match="pretrained_lr"):
         dataclasses.replace(cpu, pretrained_lr=2.0)
+
+
+def test_real_seeds_add_cells_without_touching_the_fingerprint():
+    """real_seeds: every real / cross-camera cell (and its pre-training) once per seed; seed 0's keys and
+    the cache fingerprint unchanged, so the cells already run stay cached."""
+    cpu = fid.PRESETS["cpu"]
+    p = dataclasses.replace(cpu, **fid.parse_sets(["real_seeds=[0, 1, 2]"]))
+    assert p.real_seeds == (0, 1, 2) and p.fingerprint() == cpu.fingerprint()
+    before, after = {c.key for c in fid.build_plan(cpu)}, {c.key: c for c in fid.build_plan(p)}
+    assert before <= set(after)
+    added = set(after) - before
+    studies = {after[k].study for k in added}
+    assert studies == {"pretrain", "real-proxy", "real-full", "xcam-proxy", "xcam-full"}
+    for seed in (1, 2):
+        assert fid.cell_key("Nb2Nb (real, xcam)", seed, "pretrain", 0) in added
+        cell = after[fid.cell_key("Nb2Nb (real, xcam)", seed, "real", 10)]
+        assert cell.source == fid.cell_key("Nb2Nb (real, xcam)", seed, "pretrain", 0)
+        assert fid.cell_key(fid.SL_SCRATCH_XCAM, seed, "real", 100) in added
+    assert not any(k.startswith("RCL-EMD|1|") for k in added)  # the simulated-noise rows keep their seeds
+
+
+def test_label_augmentation_reaches_full_cells_and_is_a_later_field():
+    cpu = fid.PRESETS["cpu"]
+    assert cpu.augment == "none"  # the behaviour of every record made before the option
+    p = dataclasses.replace(cpu, **fid.parse_sets(["augment=auto"]))
+    assert p.fingerprint() != cpu.fingerprint()
+    by_key = {c.key: c for c in fid.build_plan(p)}
+    full = fid.finetune_spec(p, by_key[fid.cell_key(fid.SL_SCRATCH, 0, "denoise", 10)], "none", "m.parquet", experiment="e")
+    assert full.augment == "auto"
+    with pytest.raises(ValueError, match="augment"):
+        dataclasses.replace(cpu, augment="flips")
 
 
 def test_cross_camera_split_is_by_camera_model(tmp_path):

@@ -113,6 +113,8 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"probe_first": True}, "probe_first applies to mode 'full'"),
         ({"probe_first": True, "mode": "full", "fit": "adam"}, "fits the last layer in closed form: use fit"),
         ({"probe_first": 1, "mode": "full"}, "probe_first must be true or false"),
+        ({"augment": "flips"}, "augment must be one of"),
+        ({"augment": "dihedral", "task": "jdd", "crop": 16}, "does not apply to task 'jdd'"),
     ],
 )
 def test_spec_errors_name_the_field(kw, field):
@@ -283,6 +285,44 @@ def test_training_reduces_the_l1_loss_on_the_labels(data):
     _, metrics, history = finetune_local(spec)
     assert metrics["label_l1"] < 0.6 * metrics["label_l1_initial"], metrics
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_augmented_pairs_stay_pairs_and_cover_every_symmetry():
+    """augment_pairs: the same rotation / transpose / channel permutation on input and target, each of
+    the 8 x 6 symmetries drawn, reproducible from the generator; SR's two sizes move together."""
+    from rcl_dist.train.labels import augment_pairs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 6, 6, generator=g)
+    y = torch.nn.functional.interpolate(x, scale_factor=2)  # a "target" at twice the side (SR)
+    xa, ya = augment_pairs(x, y, "dihedral+channels", torch.Generator().manual_seed(1))
+    assert torch.equal(torch.nn.functional.interpolate(xa, scale_factor=2), ya)
+    xb, _ = augment_pairs(x, y, "dihedral+channels", torch.Generator().manual_seed(1))
+    assert torch.equal(xa, xb)
+    seen = set()
+    for i in range(64):
+        for k in range(4):
+            for t in (False, True):
+                for perm in ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]):
+                    z = x[i].transpose(-1, -2) if t else x[i]
+                    if torch.equal(torch.rot90(z, k, (-2, -1))[perm], xa[i]):
+                        seen.add((k, t, tuple(perm)))
+    assert len({(k, t) for k, t, _ in seen}) >= 7 and len({p for *_, p in seen}) == 6
+    xd, _ = augment_pairs(x, y, "dihedral", torch.Generator().manual_seed(1))
+    assert torch.allclose(xd.sum((2, 3)), x.sum((2, 3)))  # no channel moved
+    assert augment_pairs(x, y, "none", g) == (x, y)
+    with pytest.raises(ValueError, match="square"):
+        augment_pairs(torch.rand(2, 3, 4, 6), torch.rand(2, 3, 4, 6), "dihedral", g)
+
+
+def test_auto_augmentation_follows_the_task():
+    from rcl_dist.train.labels import augmentation
+
+    rgb = FinetuneSpec(source="ckpt", manifest="m.parquet")
+    assert augmentation(rgb, 3) == "dihedral+channels" and augmentation(rgb, 1) == "dihedral"
+    assert augmentation(FinetuneSpec(source="ckpt", manifest="m.parquet", task="jdd", crop=16), 0) == "none"
+    assert augmentation(FinetuneSpec(source="ckpt", manifest="m.parquet", augment="dihedral+channels"), 1) == "dihedral"
+    assert augmentation(FinetuneSpec(source="ckpt", manifest="m.parquet", augment="none"), 3) == "none"
 
 
 # ----------------------------------------------------------------------------- Ray Train + MLflow

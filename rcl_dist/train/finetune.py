@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from rcl_dist.config import Config, ConfigError, check_choice
 from rcl_dist.train.finetune_spec import FINETUNE_TASKS, FinetuneSpec
-from rcl_dist.train.labels import LabelBatches, LabelSet, build_label_set
+from rcl_dist.train.labels import LabelBatches, LabelSet, augment_pairs, augmentation, build_label_set
 from rcl_dist.train.probe import ProbeOptions, ProbeTrace, fit_head
 from rcl_dist.train.schedule import lr_factor
 
@@ -220,6 +220,7 @@ def train_on_labels(
     own, e.g. the sweep's validation inside a pre-training run); ``verbose=False``: no progress lines.
     """
     from rcl_dist import dist as rdist
+    from rcl_dist.data.spec import derived_seed
 
     if spec.mode == "proxy":
         raise ValueError("proxy mode fits the fresh last layer with fit_proxy (rcl_dist.train.probe), not with Adam steps")
@@ -227,6 +228,8 @@ def train_on_labels(
     initial = label_l1(inner, labels, eval_batch, device, reduce)
     batches = LabelBatches(len(labels), spec.per_worker_batch, spec.seed, rank)
     inputs, targets = labels.input.to(device), labels.target.to(device)
+    augment = augmentation(spec, inputs.shape[1] if inputs.shape[1] == targets.shape[1] else 0)
+    aug_gen = torch.Generator().manual_seed(derived_seed(spec.seed, "finetune-augment", str(rank)))
     model.train()
     t_window, n_window, t_start = 0.0, 0, time.perf_counter()
     metrics: dict[str, float] = {}
@@ -235,7 +238,7 @@ def train_on_labels(
         for g in opt.param_groups:
             g["lr"] = spec.lr * lr_factor(spec.schedule, step, spec.steps, spec.warmup)
         idx = batches.next().to(device)
-        x, y = inputs[idx], targets[idx]
+        x, y = augment_pairs(inputs[idx], targets[idx], augment, aug_gen)
         loss = F.l1_loss(model.restore(x), y)
         if not torch.isfinite(loss.detach()):
             raise RuntimeError(f"non-finite L1 loss at step {step}: lower lr (now {spec.lr})")

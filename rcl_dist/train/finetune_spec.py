@@ -20,6 +20,7 @@ from rcl_dist.train.schedule import SCHEDULES
 __all__ = ["FinetuneSpec", "FinetuneResult", "FINETUNE_TASKS", "FINETUNE_MODES", "HEAD_CHOICES"]
 
 FINETUNE_TASKS = ("denoise", "sr", "jdensr", "jdd", "real")
+AUGMENTS = ("auto", "none", "dihedral", "dihedral+channels")
 FINETUNE_MODES = ("proxy", "full")
 HEAD_CHOICES = ("auto", "new", "keep")
 
@@ -47,6 +48,11 @@ class FinetuneSpec:
     # on the whole network: linear probing then fine-tuning (LP-FT; Kumar et al., ICLR 2022), so the
     # first steps do not distort pre-trained features through a poorly fitted head
     probe_first: bool = False
+    # full mode: each labelled pair seen under a random symmetry of the task: "dihedral" (one of the 8
+    # rotations / flips, on input and target alike), "dihedral+channels" (and a permutation of the RGB
+    # channels), "none"; "auto": dihedral+channels for RGB inputs, dihedral for grey, none for packed RAW
+    # (jdd: a flip moves the Bayer phase). See rcl_dist.train.labels.augment_pairs.
+    augment: str = "auto"
     workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -93,6 +99,10 @@ class FinetuneSpec:
         check_choice("realisation", self.realisation, ("fresh", "fixed"))
         check_choice("fit", self.fit, PROBE_FITS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("augment", self.augment, AUGMENTS)
+        if self.task == "jdd" and self.augment not in ("auto", "none"):
+            raise ConfigError(f"augment {self.augment!r} does not apply to task 'jdd' (packed RAW: a flip or a channel "
+                              "permutation moves the Bayer phase): use 'auto' or 'none'")  # fmt: skip
         check_int_at_least("probe_max_iters", self.probe_max_iters, 1)
         check_int_at_least("warmup", self.warmup, 0)
         for name in ("ridge", "probe_tol"):
