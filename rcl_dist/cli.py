@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="full mode: fit the last layer with the probe on the frozen body first, then train every "
                          "layer (LP-FT): +2.5 dB from scratch at the demo's 150 steps, -1.4 dB at 1000 steps on "
                          "10 labels (docs/finetune.md)")
+    ft.add_argument("--augment", default="auto", choices=("auto", "none", "dihedral", "dihedral+channels"),
+                    help="full mode: each labelled pair under a random rotation/flip (and RGB permutation); auto: "
+                         "dihedral+channels for RGB, dihedral for grey, none for packed RAW (docs/finetune.md)")
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--crop", type=int, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
@@ -250,7 +253,7 @@ def _finetune(args) -> None:
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, manifest=str(manifest),
         workers=args.workers, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri, out=args.out,
         config=load_config(args.config).to_dict() if source == "none" else None, fit=args.fit, schedule=args.schedule,
-        probe_first=args.probe_first and args.mode == "full",
+        probe_first=args.probe_first and args.mode == "full", augment=args.augment,
     )
     r = run_finetune(spec)
     m = r.metrics or {}
