@@ -210,6 +210,10 @@ class Preset:
 
 _LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none"}
 _PLAN_ONLY_FIELDS = frozenset({"real_seeds"})  # which cells run, never what a cell computes
+# fields that change fine-tuning and evaluation cells only, never a pre-training: a pre-training of a
+# preset that differs from this one in these alone is this preset's pre-training (--pretrain-from)
+FINETUNE_ONLY_FIELDS = frozenset({"augment", "probe_first", "pretrained_lr", "proxy_steps", "proxy_labels",
+                                  "full_steps", "label_counts", "proxy_fit", "eval_limit", "label_seeds"})
 
 
 PRESETS: dict[str, Preset] = {
@@ -1168,6 +1172,25 @@ class Harness:
                 self.failures.append({"key": cell.key, "error": f"{type(e).__name__}: {first_line}"[:300]})
         return [self.cache.get(c.key) for c in plan if self.cache.get(c.key) is not None]
 
+    def import_pretrainings(self, other_out: str | os.PathLike, other: Preset) -> list[str]:
+        """Take the finished pre-trainings of another output (``<other_out>_work/cache.jsonl``, made with
+        preset ``other``) into this cache, when ``other`` differs from this preset only in
+        :data:`FINETUNE_ONLY_FIELDS` (and plan-only fields): the same pre-training, not run twice.
+        Only records of ``other``'s fingerprint with their checkpoint on disk; returns their keys."""
+        diff = {k for k, v in self.preset.as_dict().items() if getattr(other, k) != v} - FINETUNE_ONLY_FIELDS - _PLAN_ONLY_FIELDS
+        if diff:
+            raise SystemExit(f"--pretrain-from {other_out}: its preset differs in {sorted(diff)}, which change a "
+                             f"pre-training; only {sorted(FINETUNE_ONLY_FIELDS)} may differ")  # fmt: skip
+        source = ResultsCache(Path(other_out).absolute().with_name(Path(other_out).name + "_work") / "cache.jsonl",
+                              other.fingerprint())  # fmt: skip
+        taken = []
+        for key, rec in source.records.items():
+            if rec.get("kind") != "pretrain" or self.cache.get(key) is not None or self._needs_checkpoint(rec):
+                continue
+            self.cache.put({**rec, "imported_from": f"{source.path} ({other.fingerprint()})"})
+            taken.append(key)
+        return taken
+
     # -- executors ---------------------------------------------------------------------------------
 
     def _checkpoint_of(self, key: str) -> str:
@@ -1552,6 +1575,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="override any preset field (YAML value, e.g. pretrain_steps=50, seeds=[0,1]); "
                          "a changed preset has its own cache fingerprint")  # fmt: skip
     ap.add_argument("--only", action="append", default=[], help="run only cells whose key contains this (repeatable)")
+    ap.add_argument("--pretrain-from", default=None, metavar="OUT",
+                    help="take the pre-trainings of another output stem (made with --pretrain-from-set) instead of "
+                         "running them again; its preset may differ in fine-tuning fields only")  # fmt: skip
+    ap.add_argument("--pretrain-from-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="the --set overrides that output was made with (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the cache state, run nothing")
     ap.add_argument("--report-only", action="store_true", help="write the outputs from the cache, run nothing")
     ap.add_argument("--note", default=None, help="a line for the report's Run section (e.g. where the cells ran)")
@@ -1583,6 +1611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         h.log(f"[fidelity] report from {sum(1 for c in plan if h.cache.get(c.key))} cached cells: "
               + ", ".join(str(p) for p in paths.values()))  # fmt: skip
         return 0
+    if args.pretrain_from:
+        other = dataclasses.replace(PRESETS[args.preset], **parse_sets(args.pretrain_from_set))
+        taken = h.import_pretrainings(args.pretrain_from, other)
+        h.log(f"[fidelity] {len(taken)} pre-training(s) taken from {args.pretrain_from}: {', '.join(taken) or 'none'}")
     h.prepare_environment()
     if h.cache.stale:
         h.log(f"[fidelity] {h.cache.stale} cached record(s) from another preset fingerprint are ignored")

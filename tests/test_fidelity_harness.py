@@ -330,6 +330,32 @@ def test_resume_cache_skips_finished_cells(tmp_path):
     assert h5.cache.stale > 0 and h5.cache.get(plan[0].key) is None
 
 
+def test_pretrainings_are_taken_from_an_output_whose_preset_differs_in_fine_tuning_only(tmp_path):
+    """--pretrain-from: another output's pre-trainings (their checkpoints on disk) count as this preset's
+    when only fine-tuning fields differ; the fine-tuning cells still run; other differences refuse."""
+    p = fid.PRESETS["smoke"]
+    plan = fid.build_plan(p)
+    first: list[str] = []
+    h1 = _fake_harness(tmp_path / "a", p, first)
+    (tmp_path / "a").mkdir()
+    h1.run(plan, only=["RCL-EMD|0|denoise"])
+    assert first == ["RCL-EMD|0|pretrain|0", f"RCL-EMD|0|denoise|{p.proxy_labels}"]
+
+    q = dataclasses.replace(p, augment="auto", probe_first=True)
+    second: list[str] = []
+    h2 = _fake_harness(tmp_path / "b", q, second)
+    (tmp_path / "b").mkdir()
+    assert h2.import_pretrainings(tmp_path / "a" / "fidelity_t", p) == ["RCL-EMD|0|pretrain|0"]
+    h2.run(fid.build_plan(q), only=["RCL-EMD|0|denoise"])
+    assert second == [f"RCL-EMD|0|denoise|{p.proxy_labels}"]  # the pre-training was not run again
+    assert "imported_from" in h2.cache.get("RCL-EMD|0|pretrain|0")
+    with pytest.raises(SystemExit, match="pretrain_steps"):
+        h2.import_pretrainings(tmp_path / "a" / "fidelity_t", dataclasses.replace(p, pretrain_steps=5))
+    # a record of another fingerprint (the preset stated wrongly) is not taken
+    h3 = _fake_harness(tmp_path / "c", q, [])
+    assert h3.import_pretrainings(tmp_path / "a" / "fidelity_t", dataclasses.replace(p, proxy_steps=99)) == []
+
+
 def test_a_failing_cell_is_reported_and_the_rest_runs(tmp_path):
     p = fid.PRESETS["smoke"]
     plan = fid.build_plan(p)
