@@ -5,6 +5,7 @@
     python benchmarks/fidelity.py --preset gpu   --out benchmarks/results/fidelity_gpu
     python benchmarks/fidelity.py --preset cpu --out ... --dry-run        # print the plan, run nothing
     python benchmarks/fidelity.py --preset cpu --out ... --only 'RCL-EMD|0|'   # only matching cells (+ deps)
+    python benchmarks/fidelity.py --preset cpu --out B --set augment=auto --pretrain-from A   # A's pre-trainings
 
 Writes ``<out>.md`` (tables in the paper's layout, the command, commit and machine), ``<out>.json``
 (a list of rows: ``method, task, dataset, psnr_mean, psnr_std, ssim_mean, seeds, labels`` plus
