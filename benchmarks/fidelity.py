@@ -1154,12 +1154,16 @@ class Harness:
         self.ran.append(key)
         return self.cache.put(rec)
 
-    def run(self, plan: list[Cell], only: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Run (or take from the cache) every cell of ``plan`` whose key contains one of ``only``
-        (all when empty) and their sources; a failing cell is recorded and the rest go on."""
+    def run(self, plan: list[Cell], only: Sequence[str] = (), only_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Run (or take from the cache) every cell of ``plan`` whose key contains one of ``only`` or is one
+        of ``only_keys`` (all when both are empty) and their sources; a failing cell is recorded and the
+        rest go on."""
         by_key = {c.key: c for c in plan}
+        unknown = set(only_keys) - set(by_key)
+        if unknown:
+            raise SystemExit(f"--only-key: no such cell in this plan: {sorted(unknown)}")
         for cell in plan:
-            if only and not any(o in cell.key for o in only):
+            if (only or only_keys) and not (cell.key in only_keys or any(o in cell.key for o in only)):
                 continue
             if self.cache.get(cell.key) is not None:
                 self.skipped.append(cell.key)
@@ -1576,6 +1580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="override any preset field (YAML value, e.g. pretrain_steps=50, seeds=[0,1]); "
                          "a changed preset has its own cache fingerprint")  # fmt: skip
     ap.add_argument("--only", action="append", default=[], help="run only cells whose key contains this (repeatable)")
+    ap.add_argument("--only-key", action="append", default=[], metavar="KEY",
+                    help="run only the cell with exactly this key (repeatable; with --only: either matches)")
     ap.add_argument("--pretrain-from", default=None, metavar="OUT",
                     help="take the pre-trainings of another output stem (made with --pretrain-from-set) instead of "
                          "running them again; its preset may differ in fine-tuning fields only")  # fmt: skip
@@ -1621,7 +1627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         h.log(f"[fidelity] {h.cache.stale} cached record(s) from another preset fingerprint are ignored")
     t0 = time.perf_counter()
     try:
-        h.run(plan, args.only)
+        h.run(plan, args.only, args.only_key)
     finally:
         paths = h.write_outputs(plan, time.perf_counter() - t0)
         try:

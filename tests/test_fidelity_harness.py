@@ -300,6 +300,12 @@ def test_resume_cache_skips_finished_cells(tmp_path):
     lines = (h.work / "cache.jsonl").read_text().splitlines()
     assert len(lines) == len(plan)
 
+    exact: list[str] = []
+    _fake_harness(tmp_path / "exact", p, exact).run(plan, only_keys=["N2S|0|pretrain|0"])
+    assert exact == ["N2S|0|pretrain|0"]  # exactly that cell (a substring would also match others)
+    with pytest.raises(SystemExit, match="no such cell"):
+        _fake_harness(tmp_path / "exact", p, []).run(plan, only_keys=["N2S|9|pretrain|0"])
+
     again: list[str] = []
     h2 = _fake_harness(tmp_path, p, again)
     h2.run(plan)
