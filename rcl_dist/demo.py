@@ -10,7 +10,7 @@
   side-by-side PNG.
 
 Evaluation images: the first Kodak24 images of ``shared/data`` when present, else held-out bundled
-photographs that training never saw (the grey set converted to RGB). Budgets are small (about 7
+photographs that training never saw (the grey set converted to RGB). Budgets are small (about 4-8
 minutes on 2 cores); ``benchmarks/fidelity.py`` measures the methods at larger ones.
 """
 
