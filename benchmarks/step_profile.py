@@ -262,20 +262,12 @@ def _worker(rank: int, world: int, opts: dict) -> None:
     from rcl_dist.config import Config
     from rcl_dist.data.dali import DALILoader
     from rcl_dist.train.diagnostics import gradient_diagnostics, manifest_noise_probe
-    from rcl_dist.train.pretrain import pair_spec
+    from rcl_dist.train.pretrain import _Batches, pair_spec
 
     cfg = Config.from_dict(opts["config"])
     torch.manual_seed(cfg.train.seed + rank)
     loader = DALILoader(opts["manifest"], pair_spec(cfg, rank, world), num_threads=max(1, cfg.data.threads))
-    it = iter(loader)
-
-    def next_batch() -> dict:
-        nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            it = iter(loader)
-            return next(it)
+    next_batch = _Batches(loader).next  # the trainer's endless iteration over epochs
 
     s = _Setup(cfg, rank, world)
     s.model.train()

@@ -42,10 +42,6 @@ class DecodedImages:
     widths: np.ndarray
     channels: int
 
-    @property
-    def nbytes(self) -> int:
-        return int((self.heights * self.widths).sum()) * self.channels
-
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
