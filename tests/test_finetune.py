@@ -404,3 +404,27 @@ def test_cli_full_fine_tuning_probes_first_when_asked():
     base = ["finetune", "--from", "x", "--task", "denoise", "--mode", "full"]
     assert _parser().parse_args(base).probe_first is False
     assert _parser().parse_args([*base, "--probe-first"]).probe_first is True
+
+
+def test_cli_full_fine_tuning_warmup_reaches_the_spec(monkeypatch, tmp_path, capsys):
+    """`finetune --warmup N` is the spec's warm-up (the README's real-noise command uses the harness's
+    recipe: LP-FT, lr 2e-4, cosine, 50 warm-up steps); a warm-up as long as the run is refused by name."""
+    import rcl_dist.cli as cli
+    import rcl_dist.train.finetune_ray as finetune_ray
+
+    seen = {}
+
+    def capture(spec):  # the spec the command built, before any work; the engine is tested elsewhere
+        seen["spec"] = spec
+        raise SystemExit(0)
+
+    monkeypatch.setattr(finetune_ray, "run_finetune", capture)
+    (tmp_path / "m.parquet").write_bytes(b"")
+    base = ["finetune", "--from", "none", "--manifest", str(tmp_path / "m.parquet"), "--task", "denoise", "--mode", "full",
+            "--steps", "100", "--schedule", "cosine"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--warmup", "50"])
+    assert seen["spec"].warmup == 50 and seen["spec"].schedule == "cosine"
+    seen.clear()
+    assert cli.main([*base, "--warmup", "100"]) != 0
+    assert "warmup 100 must be smaller than steps 100" in capsys.readouterr().err and not seen
