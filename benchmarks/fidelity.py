@@ -19,7 +19,8 @@ the PolyU split). Every training run, and every evaluation, is an MLflow run in 
 The matrix (every pre-training on CBSD432, ``train/CBSD432``, with one manifest; noisy images only
 except the Oracle; same backbone, crop, batch and step budget for every method):
 
-* pre-training methods: RCL-EMD, RCL-BD, RCL-MMD (Eq. 6 with each distance), N2N, N2S, Nb2Nb
+* pre-training methods: RCL-EMD (the paper's alpha 1e-3, tau 0.1), RCL-EMD (calibrated: alpha 1.28e-3,
+  tau 0.0101, the joint sweep's winner), RCL-BD, RCL-MMD (Eq. 6 with each distance), N2N, N2S, Nb2Nb
   (Neighbor2Neighbor), B2U (Blind2Unblind, masker grid ``b2u_grid``),
   Consistency (Eq. 5 only), Oracle (``loss.method=supervised``: supervised denoising on clean pairs),
   and RCL-EMD on packed RAW (``model.raw=packed``, App. B.2) for JDD; "No pre-training" is a randomly
@@ -46,7 +47,8 @@ except the Oracle; same backbone, crop, batch and step budget for every method):
   2026-12-04 ran so).
 * the floor: BM3D (optional ``bm3d`` package), NLM and wavelet denoising (``rcl_dist.classical``),
   no training, the noise level estimated from each test image, on the denoise and PolyU sets.
-* seeds: RCL-EMD, N2N, N2S, Nb2Nb, No pre-training and Oracle on denoise run with every seed of ``seeds``
+* seeds: RCL-EMD, RCL-EMD (calibrated), N2N, N2S, Nb2Nb, Consistency, No pre-training and Oracle on denoise
+  run with every seed of ``seeds``
   (pre-training seed = fine-tuning seed: model init, batches, label set and fresh head); the table
   gives the mean over seeds and their standard deviation (ddof=1; null with one seed). Other rows: the
   first seed.
@@ -137,7 +139,7 @@ class Preset:
     full_steps: int  # label-efficiency full fine-tuning steps
     label_counts: tuple[int, ...]  # label-efficiency study: labelled crops
     oracle_labels: int  # task Oracles (sr, jdensr, jdd, real): labelled crops of their supervised training
-    seeds: tuple[int, ...]  # denoising rows of RCL-EMD, N2N, N2S, No pre-training, Oracle
+    seeds: tuple[int, ...]  # denoising rows of the MULTI_SEED methods
     label_seeds: tuple[int, ...]  # label-efficiency seeds (a subset of `seeds`)
     eval_limit: int | None  # test images per set (None: all)
     fig2_images: int  # CBSD68 images (anchors) of the Fig. 2 batch
@@ -238,9 +240,18 @@ PRESETS: dict[str, Preset] = {
     ),
 }  # fmt: skip
 
+RCL_CAL = "RCL-EMD (calibrated)"
+RCL_CAL_ALPHA = 0.001284591880490175  # sweep_rcl_joint_cpu_best_config.yaml (trial c7053469)
+RCL_CAL_TAU = 0.010058713023197057
 # Pre-training methods: display name -> config overrides (on top of the preset's base overrides).
 PRETRAIN_METHODS: dict[str, list[str]] = {
     "RCL-EMD": ["loss.method=rcl", "loss.distance=emd"],
+    # Issue 12's calibrated RCL: the winner of the joint alpha x tau x overlap x crop/batch sweep on the
+    # converged proxy (tune_spaces/cpu-rcl-joint.yaml, benchmarks/results/sweep_rcl_joint_cpu.md; its crop 64,
+    # batch 16 and overlap 0.5 are the cpu preset's and the product's defaults). "RCL-EMD" keeps the paper's
+    # alpha 1e-3, tau 0.1
+    RCL_CAL: ["loss.method=rcl", "loss.distance=emd", f"loss.alpha={RCL_CAL_ALPHA!r}",
+              f"loss.temperature={RCL_CAL_TAU!r}", "data.overlap=0.5"],
     "RCL-BD": ["loss.method=rcl", "loss.distance=bd"],
     "RCL-MMD": ["loss.method=rcl", "loss.distance=mmd"],
     "N2N": ["loss.method=n2n"],
@@ -277,8 +288,8 @@ POLYU_XCAM_TEST = ("NikonD800", "Sony")
 XCAM_PRETRAINED = ("RCL-EMD (real, xcam)", "N2S (real, xcam)", "Nb2Nb (real, xcam)")
 SL_SCRATCH_XCAM = "SL (scratch, xcam)"
 XCAM_EVALS = [("PolyU " + " and ".join(POLYU_XCAM_TEST), "@polyu_xcam_test", "real", None)]  # MLflow: no "+" in names
-MULTI_SEED = ("RCL-EMD", "N2N", "N2S", "Nb2Nb", RANDOM_INIT, "Oracle")  # denoising rows with every seed
-PROXY_RGB = ("RCL-EMD", "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
+MULTI_SEED = ("RCL-EMD", RCL_CAL, "N2N", "N2S", "Nb2Nb", "Consistency", RANDOM_INIT, "Oracle")  # every seed
+PROXY_RGB = ("RCL-EMD", RCL_CAL, "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
 METHOD_ORDER = (PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
                 + REAL_PRETRAINED + tuple(f"{m} + SL" for m in REAL_PRETRAINED)
                 + XCAM_PRETRAINED + tuple(f"{m} + SL" for m in XCAM_PRETRAINED) + (SL_SCRATCH_XCAM,)

@@ -459,3 +459,24 @@ def test_micro_pretrain_proxy_finetune_evaluate_on_the_real_engines(tmp_path, mo
     finally:
         if not was_running and ray.is_initialized():
             ray.shutdown()
+
+
+def test_calibrated_rcl_is_the_committed_sweep_winner():
+    """The preset's "RCL-EMD (calibrated)" pre-trains with the joint sweep's best config (issue 12, item 7):
+    its alpha, tau and overlap, and the cpu preset's crop and batch, are those of the committed file."""
+    import yaml
+
+    best = yaml.safe_load((REPO / "benchmarks/results/sweep_rcl_joint_cpu_best_config.yaml").read_text())
+    p = fid.PRESETS["cpu"]
+    cell = next(c for c in fid.build_plan(p) if c.kind == "pretrain" and c.method == fid.RCL_CAL)
+    cfg = fid.pretrain_config(p, cell, "m.parquet", experiment="e", run_name="r")
+    assert cfg.loss.method == best["loss"]["method"] and cfg.loss.distance == best["loss"]["distance"]
+    assert cfg.loss.alpha == best["loss"]["alpha"] and cfg.loss.temperature == best["loss"]["temperature"]
+    assert cfg.loss.temperature_scale == best["loss"]["temperature_scale"] == "fixed"
+    assert cfg.data.overlap == best["data"]["overlap"]
+    assert (cfg.data.crop, cfg.train.batch_size) == (best["data"]["crop"], best["train"]["batch_size"])
+    # the paper-literal row stays the paper's alpha and tau
+    paper = next(c for c in fid.build_plan(p) if c.kind == "pretrain" and c.method == "RCL-EMD")
+    pcfg = fid.pretrain_config(p, paper, "m.parquet", experiment="e", run_name="r")
+    assert (pcfg.loss.alpha, pcfg.loss.temperature) == (1e-3, 0.1)
+    assert fid.RCL_CAL in fid.MULTI_SEED and "Consistency" in fid.MULTI_SEED
