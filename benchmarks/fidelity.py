@@ -1128,6 +1128,24 @@ class Harness:
 
     # -- running -----------------------------------------------------------------------------------
 
+    def drop_outdated(self, plan: list[Cell]) -> list[str]:
+        """Forget cached cells whose network the product now builds differently: the record's
+        ``global_residual`` is not what :func:`resolved_global_residual` gives today (the auto rule of
+        ``model.global_residual`` changed since it ran). Their rows leave the report and a run computes
+        them again (a fine-tuning built on such a pre-training is outdated with it). Returns their keys."""
+        dropped = []
+        for cell in plan:
+            rec = self.cache.get(cell.key)
+            if rec is None or rec.get("global_residual") is None or cell.kind == "classical":
+                continue
+            now = resolved_global_residual(self.preset, cell)
+            if bool(rec["global_residual"]) != now:
+                self.log(f"[fidelity] {cell.key}: cached with global_residual={rec['global_residual']}, the "
+                         f"product's rule now gives {now}; dropped (it runs again)")  # fmt: skip
+                self.cache.drop(cell.key)
+                dropped.append(cell.key)
+        return dropped
+
     def _needs_checkpoint(self, rec: dict[str, Any] | None) -> bool:
         return rec is not None and (not rec.get("checkpoint") or not Path(rec["checkpoint"]).is_file())
 
@@ -1615,6 +1633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = build_plan(preset)
     h = Harness(preset, args.out, experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data_root,
                 argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])])  # fmt: skip
+    h.drop_outdated(plan)
     if args.dry_run:
         kinds: dict[str, int] = {}
         for c in plan:
@@ -1633,6 +1652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         other = dataclasses.replace(PRESETS[args.preset], **parse_sets(args.pretrain_from_set))
         taken = h.import_pretrainings(args.pretrain_from, other)
         h.log(f"[fidelity] {len(taken)} pre-training(s) taken from {args.pretrain_from}: {', '.join(taken) or 'none'}")
+        h.drop_outdated(plan)
     h.prepare_environment()
     if h.cache.stale:
         h.log(f"[fidelity] {h.cache.stale} cached record(s) from another preset fingerprint are ignored")
