@@ -169,6 +169,9 @@ class Preset:
     # full fine-tuning's label augmentation (FinetuneSpec.augment; the product's default is "auto"):
     # "none", the harness's behaviour before the option existed, keeps earlier records current
     augment: str = "none"
+    # full fine-tuning's gradient-norm clip (FinetuneSpec.grad_clip; the product's default is 1.0): None,
+    # the harness's behaviour before the option existed, keeps earlier records current
+    grad_clip: float | None = None
     # seeds of the real-noise and cross-camera studies (pre-training and every cell built on it); empty:
     # the first of `seeds`. It only adds cells (a cell's content depends on its own seed), so it is left
     # out of the fingerprint and the cells of seed 0 stay cached when seeds are added
@@ -196,6 +199,8 @@ class Preset:
             raise ValueError(f"preset {self.name}: augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.realisation not in ("fixed", "fresh"):
             raise ValueError(f"preset {self.name}: realisation must be 'fixed' or 'fresh', got {self.realisation!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, float) and 0 < self.grad_clip < float("inf")):
+            raise ValueError(f"preset {self.name}: grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
         if self.pretrained_lr is not None and not (isinstance(self.pretrained_lr, float) and 0 < self.pretrained_lr < 1):
             raise ValueError(f"preset {self.name}: pretrained_lr must be a number in (0, 1) or null, got {self.pretrained_lr!r}")
         if self.schedule not in SCHEDULES:
@@ -211,11 +216,11 @@ class Preset:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none"}
+_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none", "grad_clip": None}
 _PLAN_ONLY_FIELDS = frozenset({"real_seeds"})  # which cells run, never what a cell computes
 # fields that change fine-tuning and evaluation cells only, never a pre-training: a pre-training of a
 # preset that differs from this one in these alone is this preset's pre-training (--pretrain-from)
-FINETUNE_ONLY_FIELDS = frozenset({"augment", "probe_first", "pretrained_lr", "proxy_steps", "proxy_labels",
+FINETUNE_ONLY_FIELDS = frozenset({"augment", "grad_clip", "probe_first", "pretrained_lr", "proxy_steps", "proxy_labels",
                                   "full_steps", "label_counts", "proxy_fit", "eval_limit", "label_seeds"})
 
 
@@ -568,6 +573,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         manifest=manifest,
         probe_first=p.probe_first and cell.mode == "full",
         augment=p.augment,
+        grad_clip=p.grad_clip,
         config=random_init_config(p, cell.raw, supervised=cell.mode == "full") if source == "none" else None,
         workers=w,
         use_gpu=p.use_gpu and engine_ray,
@@ -1575,11 +1581,11 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if key == "eval_limit":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SystemExit(f"--set eval_limit: expected a positive integer or null, got {text!r}")
-        elif key == "pretrained_lr":
+        elif key in ("pretrained_lr", "grad_clip"):
             try:
                 value = None if value is None else float(value)  # YAML 1.1 reads "2e-4" as a string
             except (TypeError, ValueError):
-                raise SystemExit(f"--set pretrained_lr: expected a number or null, got {text!r}") from None
+                raise SystemExit(f"--set {key}: expected a number or null, got {text!r}") from None
         elif key == "global_residual":
             if value is not None and not isinstance(value, bool):
                 raise SystemExit(f"--set global_residual: expected true, false or null (the auto rule), got {text!r}")

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--augment", default="auto", choices=("auto", "none", "dihedral", "dihedral+channels"),
                     help="full mode: each labelled pair under a random rotation/flip (and RGB permutation); auto: "
                          "dihedral+channels for RGB, dihedral for grey, none for packed RAW (docs/finetune.md)")
+    ft.add_argument("--grad-clip", type=_clip_value, default=1.0, metavar="NORM",
+                    help="full mode: clip the gradient's L2 norm to NORM before each Adam step (default 1.0: only "
+                         "spikes; 'none' turns it off)")
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--crop", type=int, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
@@ -229,6 +232,19 @@ def _pretrain_distributed(cfg, resume: bool, tracking_uri: str | None) -> int:
     return 0
 
 
+def _clip_value(text: str) -> float | None:
+    """--grad-clip: a norm > 0, or 'none' (off)."""
+    if text.strip().lower() in ("none", "off", "null"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', got {text!r}")
+    return value
+
+
 def _finetune(args) -> None:
     from rcl_dist.config import load_config
     from rcl_dist.paths import rcl_home, read_run_state
@@ -255,6 +271,7 @@ def _finetune(args) -> None:
         workers=args.workers, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri, out=args.out,
         config=load_config(args.config).to_dict() if source == "none" else None, fit=args.fit, schedule=args.schedule,
         warmup=args.warmup, probe_first=args.probe_first and args.mode == "full", augment=args.augment,
+        grad_clip=args.grad_clip,
     )
     r = run_finetune(spec)
     m = r.metrics or {}

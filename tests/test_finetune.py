@@ -115,6 +115,9 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"probe_first": 1, "mode": "full"}, "probe_first must be true or false"),
         ({"augment": "flips"}, "augment must be one of"),
         ({"augment": "dihedral", "task": "jdd", "crop": 16}, "does not apply to task 'jdd'"),
+        ({"grad_clip": 0.0}, "grad_clip must be a finite number > 0 or null"),
+        ({"grad_clip": float("inf")}, "grad_clip"),
+        ({"grad_clip": True}, "grad_clip"),
     ],
 )
 def test_spec_errors_name_the_field(kw, field):
@@ -428,3 +431,39 @@ def test_cli_full_fine_tuning_warmup_reaches_the_spec(monkeypatch, tmp_path, cap
     seen.clear()
     assert cli.main([*base, "--warmup", "100"]) != 0
     assert "warmup 100 must be smaller than steps 100" in capsys.readouterr().err and not seen
+
+
+def test_full_fine_tuning_clips_the_gradient_norm_before_each_adam_step(data, monkeypatch):
+    """grad_clip: the gradient Adam steps with has a global norm of at most the clip (the spikes that
+    made SL from scratch end at its input are cut), the report says how large it was and how often it
+    was cut; grad_clip=None leaves the gradient as it is (and reports nothing of it)."""
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *a, **k):
+        grads = [q.grad for g in self.param_groups for q in g["params"] if q.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([gr.norm() for gr in grads]))))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    base = dict(mode="full", config={"model": TINY_MODEL}, labels=8, batch_size=8, steps=6, log_every=3, lr=3e-3)
+    _, _, free = finetune_local(_spec("none", data["rgb"], grad_clip=None, **base))
+    unclipped, seen[:] = list(seen), []
+    assert "grad_norm_max" not in free[-1]
+    clip = 0.5 * min(unclipped)  # every step's gradient is larger: every step is cut
+    _, _, history = finetune_local(_spec("none", data["rgb"], grad_clip=clip, **base))
+    assert len(seen) == 6 and max(seen) <= clip * (1 + 1e-5), (seen, clip)
+    assert [h["grad_clipped"] for h in history] == [3.0, 3.0]
+    assert all(h["grad_norm_max"] > clip for h in history)  # the norm before the cut
+    assert FinetuneSpec(source="x", manifest="m").grad_clip == 1.0  # the product's default
+
+
+def test_cli_grad_clip_reaches_the_spec_and_none_turns_it_off():
+    from rcl_dist.cli import _parser
+
+    base = ["finetune", "--from", "x", "--task", "denoise", "--mode", "full"]
+    assert _parser().parse_args(base).grad_clip == 1.0
+    assert _parser().parse_args([*base, "--grad-clip", "0.25"]).grad_clip == 0.25
+    assert _parser().parse_args([*base, "--grad-clip", "none"]).grad_clip is None
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--grad-clip", "-1"])

@@ -231,6 +231,8 @@ def train_on_labels(
     augment = augmentation(spec, inputs.shape[1] if inputs.shape[1] == targets.shape[1] else 0)
     aug_gen = torch.Generator().manual_seed(derived_seed(spec.seed, "finetune-augment", str(rank)))
     model.train()
+    params = [q for g in opt.param_groups for q in g["params"]]
+    grad_max, clipped = 0.0, 0  # over the report window: the largest gradient norm, steps clipped
     t_window, n_window, t_start = 0.0, 0, time.perf_counter()
     metrics: dict[str, float] = {}
     for step in range(1, spec.steps + 1):
@@ -243,7 +245,10 @@ def train_on_labels(
         if not torch.isfinite(loss.detach()):
             raise RuntimeError(f"non-finite L1 loss at step {step}: lower lr (now {spec.lr})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients are averaged over ranks here: every rank clips the same norm
+        if spec.grad_clip is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
+            grad_max, clipped = max(grad_max, norm), clipped + (norm > spec.grad_clip)
         opt.step()
         t_window, n_window = t_window + time.perf_counter() - t0, n_window + 1
         final = step == spec.steps
@@ -257,6 +262,9 @@ def train_on_labels(
                 samples_per_s=spec.effective_batch_size * n_window / t_window,
                 lr=float(opt.param_groups[0]["lr"]),
             )
+            if spec.grad_clip is not None:
+                metrics.update(grad_norm_max=grad_max, grad_clipped=float(clipped))
+                grad_max, clipped = 0.0, 0
             t_window, n_window = 0.0, 0
             if final:
                 metrics.update(label_l1=label_l1(inner, labels, eval_batch, device, reduce), label_l1_initial=initial)
