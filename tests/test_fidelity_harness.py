@@ -148,7 +148,7 @@ def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_finger
     got = fid.parse_sets(["probe_first=true", "pretrained_lr=2e-4"])
     assert got == {"probe_first": True, "pretrained_lr": 2e-4}
     cpu = fid.PRESETS["cpu"]
-    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr", "augment", "real_seeds")}
+    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr", "augment", "grad_clip", "real_seeds")}
     assert cpu.fingerprint() == fid.hashlib.sha256(fid.json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
     p = dataclasses.replace(cpu, **got)
     assert p.fingerprint() != cpu.fingerprint()
@@ -159,6 +159,11 @@ def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_finger
     assert (full.probe_first, full.lr) == (True, 2e-4)  # a pre-trained source: the lower rate
     assert (scratch.probe_first, scratch.lr) == (True, p.lr)  # from scratch: the preset's rate
     assert not proxy.probe_first
+    assert full.grad_clip is None and scratch.grad_clip is None  # the harness's records before clipping existed
+    clipped = dataclasses.replace(p, **fid.parse_sets(["grad_clip=1"]))
+    assert clipped.fingerprint() != p.fingerprint() and clipped.grad_clip == 1.0
+    assert fid.finetune_spec(clipped, by_key[fid.cell_key(fid.SL_SCRATCH, 0, "denoise", 10)], "none", "m.parquet",
+                             experiment="e").grad_clip == 1.0  # fmt: skip
     with pytest.raises(ValueError, match="pretrained_lr"):
         dataclasses.replace(cpu, pretrained_lr=2.0)
 
