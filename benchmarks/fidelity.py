@@ -1013,6 +1013,7 @@ class Harness:
         self.skipped: list[str] = []
         self._manifests: dict[str, str] = {}
         self._failed: dict[str, str] = {}  # cells that failed in this invocation: not retried by their dependents
+        self._outdated: set[str] = set()  # cells dropped by drop_outdated: their runs get names of their own
         self._polyu: dict[str, list[str]] | None = None
         # kind -> executor(cell) -> record (tests replace these)
         self.executors: dict[str, Callable[[Cell], dict[str, Any]]] = {
@@ -1149,6 +1150,7 @@ class Harness:
                 self.log(f"[fidelity] {cell.key}: cached with global_residual={rec['global_residual']}, the "
                          f"product's rule now gives {now}; dropped (it runs again)")  # fmt: skip
                 self.cache.drop(cell.key)
+                self._outdated.add(cell.key)
                 dropped.append(cell.key)
         return dropped
 
@@ -1251,7 +1253,10 @@ class Harness:
             client.set_tag(run_id, k, v)
 
     def _run_name(self, cell: Cell) -> str:
-        return f"{self.preset.name}-{self.preset.fingerprint()[:6]}-{_slug(cell.key.replace('|', '-'))}"
+        name = f"{self.preset.name}-{self.preset.fingerprint()[:6]}-{_slug(cell.key.replace('|', '-'))}"
+        if cell.key in self._outdated:  # the old run's folder holds the other network: never resume from it
+            name += "-skip" if resolved_global_residual(self.preset, cell) else "-direct"
+        return name
 
     def _run_pretrain(self, cell: Cell) -> dict[str, Any]:
         from rcl_dist.config import ConfigError

@@ -509,6 +509,11 @@ def test_cells_cached_under_another_skip_rule_are_dropped_and_run_again(tmp_path
     h2 = _fake_harness(tmp_path, p, again)
     assert sorted(h2.drop_outdated(plan)) == sorted(n2s)
     assert all(h2.cache.get(k) is None for k in n2s) and h2.cache.get("N2N|0|pretrain|0") is not None
+    by_key = {c.key: c for c in plan}
+    old_name = h._run_name(by_key["N2S|0|pretrain|0"])
+    # the rerun never resumes the old run's folder (a Ray checkpoint of the other network)
+    assert h2._run_name(by_key["N2S|0|pretrain|0"]) == old_name + "-direct"
+    assert h2._run_name(by_key["N2N|0|pretrain|0"]) == h._run_name(by_key["N2N|0|pretrain|0"])
     h2.run(plan, only=["|0|denoise|"])
     assert again == ["N2S|0|pretrain|0", f"N2S|0|denoise|{p.proxy_labels}"]
     assert fid.Harness(p, tmp_path / "fidelity_t", log=lambda *_: None).drop_outdated(plan) == []
