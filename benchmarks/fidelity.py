@@ -172,6 +172,9 @@ class Preset:
     # full fine-tuning's gradient-norm clip (FinetuneSpec.grad_clip; the product's default is 1.0): None,
     # the harness's behaviour before the option existed, keeps earlier records current
     grad_clip: float | None = None
+    # SR / JDenSR heads (FinetuneSpec.sr_skip; the product's default is "bicubic"): "none", the harness's
+    # behaviour before the option existed (every SR proxy below bicubic), keeps earlier records current
+    sr_skip: str = "none"
     # seeds of the real-noise and cross-camera studies (pre-training and every cell built on it); empty:
     # the first of `seeds`. It only adds cells (a cell's content depends on its own seed), so it is left
     # out of the fingerprint and the cells of seed 0 stay cached when seeds are added
@@ -199,6 +202,10 @@ class Preset:
             raise ValueError(f"preset {self.name}: augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.realisation not in ("fixed", "fresh"):
             raise ValueError(f"preset {self.name}: realisation must be 'fixed' or 'fresh', got {self.realisation!r}")
+        from rcl_dist.models.heads import SR_SKIPS
+
+        if self.sr_skip not in SR_SKIPS:
+            raise ValueError(f"preset {self.name}: sr_skip must be one of {list(SR_SKIPS)}, got {self.sr_skip!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, float) and 0 < self.grad_clip < float("inf")):
             raise ValueError(f"preset {self.name}: grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
         if self.pretrained_lr is not None and not (isinstance(self.pretrained_lr, float) and 0 < self.pretrained_lr < 1):
@@ -213,14 +220,20 @@ class Preset:
         # fields added after records were made count only when set, so those records stay current
         d = {k: v for k, v in self.as_dict().items()
              if k not in _PLAN_ONLY_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        if self.name in PRESETS:  # plan-only fields that fingerprints held before: the preset's own value
+            d.update({k: list(getattr(PRESETS[self.name], k)) for k in _PLAN_ONLY_AS_BUILT})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none", "grad_clip": None}
-_PLAN_ONLY_FIELDS = frozenset({"real_seeds"})  # which cells run, never what a cell computes
+_LATER_FIELDS: dict[str, Any] = {"probe_first": False, "pretrained_lr": None, "augment": "none", "grad_clip": None,
+                                 "sr_skip": "none"}
+_PLAN_ONLY_FIELDS = frozenset({"real_seeds", "label_seeds"})  # which cells run, never what a cell computes
+# label_seeds only adds cells too, but fingerprints held it before that was seen: they keep holding the
+# preset's built-in value, so the records made before stay current and setting it changes nothing cached
+_PLAN_ONLY_AS_BUILT = frozenset({"label_seeds"})
 # fields that change fine-tuning and evaluation cells only, never a pre-training: a pre-training of a
 # preset that differs from this one in these alone is this preset's pre-training (--pretrain-from)
-FINETUNE_ONLY_FIELDS = frozenset({"augment", "grad_clip", "probe_first", "pretrained_lr", "proxy_steps", "proxy_labels",
+FINETUNE_ONLY_FIELDS = frozenset({"augment", "grad_clip", "sr_skip", "probe_first", "pretrained_lr", "proxy_steps", "proxy_labels",
                                   "full_steps", "label_counts", "proxy_fit", "eval_limit", "label_seeds"})
 
 
@@ -293,7 +306,8 @@ POLYU_XCAM_TEST = ("NikonD800", "Sony")
 XCAM_PRETRAINED = ("RCL-EMD (real, xcam)", "N2S (real, xcam)", "Nb2Nb (real, xcam)")
 SL_SCRATCH_XCAM = "SL (scratch, xcam)"
 XCAM_EVALS = [("PolyU " + " and ".join(POLYU_XCAM_TEST), "@polyu_xcam_test", "real", None)]  # MLflow: no "+" in names
-MULTI_SEED = ("RCL-EMD", RCL_CAL, "N2N", "N2S", "Nb2Nb", "Consistency", RANDOM_INIT, "Oracle")  # every seed
+MULTI_SEED = ("RCL-EMD", RCL_CAL, "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT,
+              "Oracle")  # every seed
 PROXY_RGB = ("RCL-EMD", RCL_CAL, "RCL-BD", "RCL-MMD", "N2N", "N2S", "Nb2Nb", "B2U", "Consistency", RANDOM_INIT)
 METHOD_ORDER = (PROXY_RGB + (SL_DEN, ORACLE_OWN, "Oracle", RCL_ZERO, SL_SCRATCH, RCL_SL, ORACLE_GAUSS) + tuple(CLASSICAL)
                 + REAL_PRETRAINED + tuple(f"{m} + SL" for m in REAL_PRETRAINED)
@@ -574,6 +588,7 @@ def finetune_spec(p: Preset, cell: Cell, source: str, manifest: str, *, experime
         probe_first=p.probe_first and cell.mode == "full",
         augment=p.augment,
         grad_clip=p.grad_clip,
+        sr_skip=p.sr_skip,
         config=random_init_config(p, cell.raw, supervised=cell.mode == "full") if source == "none" else None,
         workers=w,
         use_gpu=p.use_gpu and engine_ray,

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--grad-clip", type=_clip_value, default=1.0, metavar="NORM",
                     help="full mode: clip the gradient's L2 norm to NORM before each Adam step (default 1.0: only "
                          "spikes; 'none' turns it off)")
+    ft.add_argument("--sr-skip", default="bicubic", choices=("bicubic", "none"),
+                    help="tasks sr/jdensr: the new last layer adds the input's bicubic upsampling (default; a zero "
+                         "layer is the bicubic baseline) or predicts the HR image alone (none)")
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--crop", type=int, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
@@ -271,7 +274,7 @@ def _finetune(args) -> None:
         workers=args.workers, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri, out=args.out,
         config=load_config(args.config).to_dict() if source == "none" else None, fit=args.fit, schedule=args.schedule,
         warmup=args.warmup, probe_first=args.probe_first and args.mode == "full", augment=args.augment,
-        grad_clip=args.grad_clip,
+        grad_clip=args.grad_clip, sr_skip=args.sr_skip,
     )
     r = run_finetune(spec)
     m = r.metrics or {}

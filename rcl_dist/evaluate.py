@@ -32,6 +32,7 @@ from rcl_dist.data.images import list_images, load_image
 from rcl_dist.data.spec import derived_seed, fixed_noisy_image, is_real_noisy, real_partner
 from rcl_dist.infer import WHOLE_IMAGE, model_gray, model_scale, tiled_restore
 from rcl_dist.metrics import image_metrics
+from rcl_dist.models.base import bicubic_up
 from rcl_dist.noise import demosaic_bilinear, mosaic, pack_bayer, sample_nlf, unpack_bayer
 
 __all__ = [
@@ -183,7 +184,7 @@ def baseline_prediction(inp: torch.Tensor, target: torch.Tensor, task: str) -> t
     """What ``psnr_input`` measures: the input itself (denoise/gaussian/real), its bicubic x2 upsampling
     (sr/jdensr) or the bilinear demosaic of the RAW input (jdd), [C, H, W] like ``target``."""
     if task in ("sr", "jdensr"):
-        return F.interpolate(inp[None], size=tuple(target.shape[-2:]), mode="bicubic", align_corners=False)[0]
+        return bicubic_up(inp[None], tuple(target.shape[-2:]))[0]
     if task == "jdd":
         raw = unpack_bayer(inp[None]) if inp.shape[0] == 4 else inp[None]
         return demosaic_bilinear(raw)[0]

@@ -207,6 +207,8 @@ def _load_finetuned(ckpt: Path, finetune_run_id: str):
 
 def _lineage(finetune_run_id: str, run, ckpt: Path, cfg, state: dict[str, Any]) -> dict[str, str]:
     """The version's lineage.* and trained_on.* tags: runs, manifests and their digests, code, training settings."""
+    from rcl_dist.models.io import head_label
+
     params, rtags = run.data.params, run.data.tags
     pretrain = str(state.get("pretrain_checkpoint") or rtags.get("pretrain_checkpoint") or params.get("source") or "unknown")
     pre = _pretrain_lineage(pretrain)
@@ -237,7 +239,7 @@ def _lineage(finetune_run_id: str, run, ckpt: Path, cfg, state: dict[str, Any]) 
         "trained_on.data": str(ft_manifest or "unknown"),
         "trained_on.label_l1": str(state.get("label_l1", "unknown")),
         "trained_on.model": f"{cfg.model.name} width={cfg.model.width} depth={cfg.model.depth} in_channels={cfg.model.in_channels}",
-        "trained_on.head": f"{state['head']['kind']}/{state['head']['out_channels']}" if state.get("head") else "pre-training head",
+        "trained_on.head": head_label(state["head"]) if state.get("head") else "pre-training head",
     }
 
 

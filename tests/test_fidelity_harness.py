@@ -148,7 +148,7 @@ def test_lp_ft_and_the_pretrained_rate_reach_full_cells_only_and_keep_old_finger
     got = fid.parse_sets(["probe_first=true", "pretrained_lr=2e-4"])
     assert got == {"probe_first": True, "pretrained_lr": 2e-4}
     cpu = fid.PRESETS["cpu"]
-    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr", "augment", "grad_clip", "real_seeds")}
+    d = {k: v for k, v in cpu.as_dict().items() if k not in ("probe_first", "pretrained_lr", "augment", "grad_clip", "sr_skip", "real_seeds")}
     assert cpu.fingerprint() == fid.hashlib.sha256(fid.json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
     p = dataclasses.replace(cpu, **got)
     assert p.fingerprint() != cpu.fingerprint()
@@ -185,6 +185,32 @@ def test_real_seeds_add_cells_without_touching_the_fingerprint():
         assert cell.source == fid.cell_key("Nb2Nb (real, xcam)", seed, "pretrain", 0)
         assert fid.cell_key(fid.SL_SCRATCH_XCAM, seed, "real", 100) in added
     assert not any(k.startswith("RCL-EMD|1|") for k in added)  # the simulated-noise rows keep their seeds
+
+
+def test_label_seeds_add_cells_and_keep_the_fingerprint_records_were_made_under():
+    """label_seeds only adds label-efficiency cells; fingerprints held it before that was seen, so they keep
+    the preset's built-in value: setting it leaves every cached record current (the clipped 1000-label cell)."""
+    cpu = fid.PRESETS["cpu"]
+    p = dataclasses.replace(cpu, **fid.parse_sets(["label_seeds=[0, 1, 2]", "grad_clip=1.0"]))
+    assert p.fingerprint() == dataclasses.replace(cpu, grad_clip=1.0).fingerprint() != cpu.fingerprint()
+    d = {k: v for k, v in cpu.as_dict().items() if k not in fid._LATER_FIELDS and k != "real_seeds"}
+    assert cpu.fingerprint() == fid.hashlib.sha256(fid.json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    added = {c.key for c in fid.build_plan(p)} - {c.key for c in fid.build_plan(cpu)}
+    assert added == {fid.cell_key(m, s, "denoise", n) for s in (1, 2) for n in cpu.label_counts
+                     for m in (fid.RCL_SL, fid.SL_SCRATCH)} | {fid.cell_key(fid.RCL_ZERO, s, "denoise", 0) for s in (1, 2)}
+
+
+def test_sr_skip_reaches_sr_cells_and_is_a_later_field():
+    cpu = fid.PRESETS["cpu"]
+    assert cpu.sr_skip == "none"  # the SR head of every record made before the option
+    p = dataclasses.replace(cpu, **fid.parse_sets(["sr_skip=bicubic"]))
+    assert p.fingerprint() != cpu.fingerprint()
+    by_key = {c.key: c for c in fid.build_plan(p)}
+    for key in (fid.cell_key("N2N", 0, "sr", p.proxy_labels), fid.cell_key("Oracle", 0, "sr", p.oracle_labels)):
+        assert fid.finetune_spec(p, by_key[key], "/nowhere/state.pt", "m.parquet", experiment="e").sr_skip == "bicubic"
+    assert fid.finetune_spec(cpu, by_key[key], "/nowhere/state.pt", "m.parquet", experiment="e").sr_skip == "none"
+    with pytest.raises(ValueError, match="sr_skip"):
+        dataclasses.replace(cpu, sr_skip="lanczos")
 
 
 def test_label_augmentation_reaches_full_cells_and_is_a_later_field():

@@ -118,6 +118,7 @@ def _body(model) -> dict[str, torch.Tensor]:
         ({"grad_clip": 0.0}, "grad_clip must be a finite number > 0 or null"),
         ({"grad_clip": float("inf")}, "grad_clip"),
         ({"grad_clip": True}, "grad_clip"),
+        ({"sr_skip": "bilinear"}, "sr_skip must be one of"),
     ],
 )
 def test_spec_errors_name_the_field(kw, field):
@@ -359,7 +360,8 @@ def test_two_ray_workers_finetune_writes_a_loadable_checkpoint_and_tracks_in_mlf
     assert result.checkpoint_path == str(tmp_path / "out" / "state.pt") and Path(result.checkpoint_path).is_file()
 
     model, cfg, state = load_checkpoint(result.checkpoint_path)
-    assert state["task"] == "sr" and state["mode"] == "proxy" and state["head"] == {"kind": "sr2", "out_channels": 3}
+    assert state["task"] == "sr" and state["mode"] == "proxy"
+    assert state["head"] == {"kind": "sr2", "out_channels": 3, "skip": "bicubic"} and model.head.skip == "bicubic"
     with torch.no_grad():
         assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
     pre, _, _ = load_checkpoint(ckpts["rgb"])
@@ -467,3 +469,45 @@ def test_cli_grad_clip_reaches_the_spec_and_none_turns_it_off():
     assert _parser().parse_args([*base, "--grad-clip", "none"]).grad_clip is None
     with pytest.raises(SystemExit):
         _parser().parse_args([*base, "--grad-clip", "-1"])
+
+
+def test_sr_heads_add_bicubic_by_default_and_checkpoints_keep_the_choice(data, ckpts, tmp_path):
+    """sr_skip "bicubic" (the default): the fresh SR layer starts at zero, so before any fitting the model
+    is the bicubic baseline; the choice is written to the checkpoint and rebuilt on load. A checkpoint
+    written before the option (head record without "skip") loads as "none", the form it was trained in."""
+    from rcl_dist.models.base import bicubic_up
+    from rcl_dist.models.io import head_label, save_checkpoint
+
+    spec = _spec(ckpts["rgb"], data["rgb"], task="sr", labels=2, batch_size=2)
+    assert spec.sr_skip == "bicubic"
+    model, cfg, head, _ = prepare_finetune_model(spec)
+    assert head["skip"] == "bicubic" and model.head.skip == "bicubic"
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.restore(x), bicubic_up(x, (16, 16)), atol=0, rtol=0)
+    plain, _, head_none, _ = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"], task="sr", sr_skip="none"))
+    assert head_none["skip"] == "none" and not torch.equal(plain.restore(x), bicubic_up(x, (16, 16)))
+    # the denoising head has no skip to record
+    _, _, den, _ = prepare_finetune_model(_spec(ckpts["rgb"], data["rgb"]))
+    assert "skip" not in den
+    rec = {"kind": "sr2", "out_channels": 3, "skip": "bicubic"}
+    save_checkpoint(tmp_path / "new", model, cfg, head=rec)
+    back, _, state = load_checkpoint(tmp_path / "new")
+    assert back.head.skip == "bicubic" and head_label(state["head"]) == "sr2/3+bicubic"
+    with torch.no_grad():
+        torch.testing.assert_close(back.restore(x), model.restore(x))
+    save_checkpoint(tmp_path / "old", plain, cfg, head={"kind": "sr2", "out_channels": 3})  # before the option
+    old, _, state = load_checkpoint(tmp_path / "old")
+    assert old.head.skip == "none" and head_label(state["head"]) == "sr2/3"
+    with torch.no_grad():
+        torch.testing.assert_close(old.restore(x), plain.restore(x))
+
+
+def test_cli_sr_skip_reaches_the_spec():
+    from rcl_dist.cli import _parser
+
+    base = ["finetune", "--from", "x", "--task", "sr"]
+    assert _parser().parse_args(base).sr_skip == "bicubic"
+    assert _parser().parse_args([*base, "--sr-skip", "none"]).sr_skip == "none"
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--sr-skip", "nearest"])

@@ -112,6 +112,43 @@ def test_unet_global_residual_predicts_image() -> None:
     assert sign == 1.0 and offset is x
 
 
+def test_sr_head_bicubic_skip_adds_the_interpolated_input() -> None:
+    """skip="bicubic": restored = bicubic_up(x) + head(body(x)); a zero head is the bicubic baseline the
+    evaluation reports (F.interpolate, align_corners=False), and restore stays affine in the head."""
+    import torch.nn.functional as F
+
+    from rcl_dist.models.base import bicubic_up
+
+    x = torch.rand(2, 3, 13, 10)
+    up = F.interpolate(x, size=(26, 20), mode="bicubic", align_corners=False)  # literal reference
+    for model in (small_unet(), small_unet(global_residual=True), small_dncnn()):
+        model.replace_head(model.new_head("sr2", 3, skip="bicubic"))
+        model.eval()
+        assert model.restores_from_input(model.head) and model.head.skip == "bicubic"
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), up + model.head(model.body(x)))
+            torch.testing.assert_close(model.restore(x), model(x))
+            sign, offset = model.restore_affine(x, (2, 3, 26, 20))
+            assert sign == 1.0
+            torch.testing.assert_close(offset, up)
+            for p in model.head.parameters():
+                p.zero_()
+            torch.testing.assert_close(model.restore(x), bicubic_up(x, (26, 20)), atol=0, rtol=0)
+    # without the skip (the default; checkpoints written before it existed) the head predicts the image
+    plain = small_unet(head="sr2").eval()
+    assert plain.head.skip == "none" and not plain.restores_from_input(plain.head)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), plain.head(plain.body(x)))
+    # a RAW model never interpolates its (mosaic) input; a head of other channels cannot take the skip
+    packed = small_unet(in_channels=4, raw="packed", head="raw2rgb")
+    assert packed.head.skip == "none" and not packed.interpolation_skip((1, 4, 8, 8), (1, 3, 16, 16))
+    grey_to_rgb = small_unet(in_channels=1, out_channels=3)
+    grey_to_rgb.replace_head(grey_to_rgb.new_head("sr2", 3, skip="bicubic"))
+    assert not grey_to_rgb.interpolation_skip((1, 1, 8, 8), (1, 3, 16, 16))
+    with pytest.raises(ValueError, match="skip must be one of bicubic, none"):
+        make_head("sr2", 4, 3, skip="bilinear")
+
+
 def test_restore_is_affine_in_the_head_output() -> None:
     """restore(x) = sign * head(body(x)) + offset for every model (what the probe's targets rest on)."""
     x = torch.rand(2, 3, 16, 16)

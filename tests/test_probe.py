@@ -37,15 +37,12 @@ class Toy(Restorer):
         self.in_channels = 3
         self.global_residual = global_residual
         self.predicts_noise = predicts_noise
-        kw = {"kernel_size": kernel_size, "bias": bias}
+        kind, _, skip = kind.partition("+")  # "sr2+bicubic": an SR head over the bicubic upsampling
+        kw = {"kernel_size": kernel_size, "bias": bias, **({"skip": skip} if skip else {})}
         self.head = make_head(kind, 12, 3, **kw)
 
     def input_skip(self, x_shape, head_shape) -> bool:
         return self.global_residual and tuple(x_shape) == tuple(head_shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.head(self.body(x))
-        return y + x if self.input_skip(x.shape, y.shape) else y
 
 
 def _true_head(model: Toy, seed: int = 3) -> nn.Module:
@@ -71,7 +68,7 @@ def _labels(model: Toy, true_head: nn.Module, n: int = 6, size: int = 12) -> tup
 @pytest.mark.parametrize(
     "kind,k,bias,gr,noise",
     [("rgb", 1, True, False, False), ("rgb", 1, True, True, False), ("rgb", 3, False, False, True),
-     ("rgb", 3, True, False, False), ("sr2", 3, True, False, False)],
+     ("rgb", 3, True, False, False), ("sr2", 3, True, False, False), ("sr2+bicubic", 3, True, False, False)],
 )  # fmt: skip
 @pytest.mark.parametrize("fit", ["lstsq", "lstsq+l1"])
 def test_exact_head_is_recovered(kind, k, bias, gr, noise, fit):
@@ -158,6 +155,25 @@ def test_refinement_lowers_l1_and_stops_by_its_tolerance():
     capped = Toy("rgb", 1, True)
     t2 = fit_head(capped, x, y, ProbeOptions(fit="lstsq+l1", tol=1e-12, max_iters=2))
     assert not t2.converged and t2.iterations == 2 and t2.label_l1 <= t2.lstsq_l1
+
+
+def test_sr_probe_over_bicubic_never_ends_below_bicubic_on_its_labels():
+    """With skip="bicubic" the zero head is the bicubic baseline and lies in the ridge problem's search
+    space: the least-squares head's label MSE is at most bicubic's, however poor the features. Without
+    the skip the same features must rebuild the whole image (the SR rows below bicubic)."""
+    g = torch.Generator().manual_seed(5)
+    hr = F.avg_pool2d(torch.rand(6, 3, 48, 48, generator=g), 3, 1, 1)  # smooth HR crops
+    x = F.interpolate(hr, size=(24, 24), mode="bicubic", antialias=True, align_corners=False)  # the task's LR input
+    bicubic = F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False)
+    mse_bicubic = float(((bicubic - hr) ** 2).mean())
+    skip, plain = Toy("sr2+bicubic", 3, True), Toy("sr2", 3, True)
+    for model in (skip, plain):
+        fit_head(model, x, hr, ProbeOptions(fit="lstsq", ridge=1e-6))
+    with torch.no_grad():
+        mse_skip = float(((skip.restore(x) - hr) ** 2).mean())
+        mse_plain = float(((plain.restore(x) - hr) ** 2).mean())
+    assert mse_skip <= mse_bicubic * (1 + 1e-6), (mse_skip, mse_bicubic)
+    assert mse_skip < mse_plain, (mse_skip, mse_plain)
 
 
 def test_fitting_never_changes_the_body():

@@ -14,17 +14,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rcl_dist.noise import mosaic, pack_bayer
 
 from .heads import HEAD_KINDS, make_head
 
-__all__ = ["Restorer", "RAW_MODES"]
+__all__ = ["Restorer", "RAW_MODES", "bicubic_up"]
 
 RAW_MODES: tuple[str | None, ...] = (None, "mosaic", "packed")
 # Input channels implied by each RAW layout: a 1-channel RGGB mosaic, or its 4 packed planes.
 _RAW_IN_CHANNELS: dict[str, int] = {"mosaic": 1, "packed": 4}
+
+
+def bicubic_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of [B, C, h, w] to [B, C, *size] (``align_corners=False``): the SR baseline the
+    evaluation reports (:func:`rcl_dist.evaluate.baseline_prediction`) and an SR head's ``skip="bicubic"``."""
+    return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:
@@ -89,7 +96,9 @@ class Restorer(nn.Module):
     # ------------------------------------------------------------------ forward and residuals
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.body(x)  # [B, C_in, H, W] -> [B, F, h, w]
-        return self.head(feats)  # -> [B, C_out, h', w'] (h' = scale * h for SR / RAW->RGB heads)
+        y = self.head(feats)  # -> [B, C_out, h', w'] (h' = scale * h for SR / RAW->RGB heads)
+        offset = self.skip_offset(x, tuple(y.shape))
+        return y if offset is None else y + offset
 
     def input_skip(self, x_shape: tuple[int, ...], head_shape: tuple[int, ...]) -> bool:
         """Whether ``forward`` adds the input to the head's output (a global input skip).
@@ -98,12 +107,32 @@ class Restorer(nn.Module):
         output has the input's shape (never for SR or RAW -> RGB heads)."""
         return False
 
+    def interpolation_skip(self, x_shape: tuple[int, ...], head_shape: tuple[int, ...]) -> bool:
+        """Whether ``forward`` adds the bicubic upsampling of the input to the head's output: an SR head
+        built with ``skip="bicubic"`` (:class:`rcl_dist.models.heads.SRHead`) on RGB/grey input, whose
+        output has the input's channels at ``head.scale`` times its size."""
+        if self.raw is not None or getattr(self.head, "skip", "none") != "bicubic":
+            return False
+        s = int(getattr(self.head, "scale", 1))
+        n, c, h, w = x_shape
+        return tuple(head_shape) == (n, c, s * h, s * w)
+
+    def skip_offset(self, x: torch.Tensor, head_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """What ``forward`` adds to the head's output: the input (global input skip), its bicubic
+        upsampling (SR head with ``skip="bicubic"``), or nothing (``None``)."""
+        if self.input_skip(tuple(x.shape), tuple(head_shape)):
+            return x
+        if self.interpolation_skip(tuple(x.shape), tuple(head_shape)):
+            return bicubic_up(x, tuple(head_shape[-2:]))
+        return None
+
     def restore_affine(self, x: torch.Tensor, head_shape: tuple[int, ...]) -> tuple[float, torch.Tensor | None]:
         """(sign, offset) with ``restore(x) = sign * head(body(x)) + offset`` for a head output of
         shape ``head_shape`` (offset ``None``: 0).
 
         * image-predicting, no input skip (the paper's U-Net, App. D.3 / Sec. 4): (1, None);
         * image-predicting with the global input skip (U-Net ``global_residual``): (1, x);
+        * an SR head with ``skip="bicubic"``: (1, bicubic_up(x));
         * noise-predicting (DnCNN, App. D.3), output of the input's shape: (-1, x): x - f(x).
 
         The restored image is affine in the head's output, so a head that is linear in its weights
@@ -113,16 +142,18 @@ class Restorer(nn.Module):
         same = tuple(head_shape) == tuple(x.shape)
         if self.predicts_noise and same:
             return -1.0, x
-        if self.input_skip(tuple(x.shape), tuple(head_shape)):
-            return 1.0, x
-        return 1.0, None
+        return 1.0, self.skip_offset(x, tuple(head_shape))
 
     def restores_from_input(self, head: nn.Module) -> bool:
-        """True when, with ``head`` installed, the restored image is the input plus (or minus) the
-        head's output, so that a zero head restores the input unchanged (the identity)."""
+        """True when, with ``head`` installed, the restored image is the input (or its bicubic
+        upsampling, for an SR head with ``skip="bicubic"``) plus or minus the head's output, so that a
+        zero head restores the input unchanged (the identity) or gives the bicubic baseline."""
         in_ch = getattr(self, "in_channels", None)
-        same = self.raw is None and getattr(head, "scale", 1) == 1 and getattr(head, "out_channels", None) == in_ch
-        return same and (self.predicts_noise or bool(getattr(self, "global_residual", False)))
+        if self.raw is not None or getattr(head, "out_channels", None) != in_ch:
+            return False
+        if getattr(head, "scale", 1) != 1:
+            return getattr(head, "skip", "none") == "bicubic"
+        return self.predicts_noise or bool(getattr(self, "global_residual", False))
 
     def restore(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
         """The restored image.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from .base import Restorer, check_backbone
@@ -57,5 +56,4 @@ class DnCNN(Restorer):
         # DnCNN's last layer is a 3x3 conv (bias-free, as in the rest of the network).
         return {"kernel_size": 3, "bias": False} if kind == "rgb" else {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+    # forward (Restorer's): head(body(x)), plus the bicubic upsampling of x for an SR head with that skip

@@ -7,7 +7,9 @@ The heads here are those last layers; each is freshly initialised when construct
 
 * :class:`RGBHead`      features [B, F, h, w] -> image [B, C_out, h, w]   (1x1 conv for U-Net as in
   Ronneberger et al. 2015; 3x3 conv for DnCNN, Zhang et al. 2017)
-* :class:`SRHead`       features [B, F, h, w] -> image [B, C_out, s*h, s*w]  (conv + PixelShuffle(s))
+* :class:`SRHead`       features [B, F, h, w] -> image [B, C_out, s*h, s*w]  (conv + PixelShuffle(s));
+  with ``skip="bicubic"`` the network adds the bicubic upsampling of its input to this output
+  (:meth:`rcl_dist.models.base.Restorer.forward`), so the head predicts the HR detail only
 * :class:`RawToRGBHead` packed-RAW features [B, F, H/2, W/2] -> full-resolution RGB [B, 3, H, W]
   (App. B.2: f(x) is an RGB image while x is RAW)
 """
@@ -19,9 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RGBHead", "SRHead", "RawToRGBHead", "make_head", "HEAD_KINDS"]
+__all__ = ["RGBHead", "SRHead", "RawToRGBHead", "make_head", "HEAD_KINDS", "SR_SKIPS"]
 
 HEAD_KINDS: tuple[str, ...] = ("rgb", "sr2", "raw2rgb")
+# what an SR head's output is added to: "bicubic" (the input's bicubic upsampling, as VDSR-style SR
+# networks learn the residual over interpolation) or "none" (the head predicts the HR image itself)
+SR_SKIPS: tuple[str, ...] = ("bicubic", "none")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -64,18 +69,29 @@ class SRHead(nn.Module):
 
     A conv to ``out_ch * scale**2`` channels followed by ``PixelShuffle(scale)``:
     [B, in_ch, h, w] -> [B, out_ch * scale**2, h, w] -> [B, out_ch, scale*h, scale*w].
+
+    ``skip`` (one of :data:`SR_SKIPS`) is read by the network, which holds the input: with
+    ``"bicubic"`` the restored image is ``bicubic_up(x) + head(body(x))``, so a zero head gives the
+    bicubic baseline exactly. Without it a small frozen body must carry the whole low-frequency
+    image through one linear layer, and every proxy sat below bicubic
+    (``benchmarks/results/fidelity_cpu_matrix.md``).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, scale: int = 2, kernel_size: int = 3, bias: bool = True) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, scale: int = 2, kernel_size: int = 3, bias: bool = True, skip: str = "none"
+    ) -> None:
         super().__init__()
         _check_positive("in_ch", in_ch)
         _check_positive("out_ch", out_ch)
         _check_kernel(kernel_size)
         if not isinstance(scale, int) or isinstance(scale, bool) or scale < 2:
             raise ValueError(f"scale must be an integer >= 2, got {scale!r}")
+        if skip not in SR_SKIPS:
+            raise ValueError(f"SR head skip must be one of {', '.join(SR_SKIPS)}, got {skip!r}")
         self.in_channels = in_ch
         self.out_channels = out_ch
         self.scale = scale
+        self.skip = skip
         self.conv = nn.Conv2d(in_ch, out_ch * scale**2, kernel_size, padding=kernel_size // 2, bias=bias)
         self.shuffle = nn.PixelShuffle(scale)
 
@@ -99,7 +115,7 @@ class RawToRGBHead(SRHead):
     """
 
     def __init__(self, in_ch: int, kernel_size: int = 3, bias: bool = True) -> None:
-        super().__init__(in_ch, 3, scale=2, kernel_size=kernel_size, bias=bias)
+        super().__init__(in_ch, 3, scale=2, kernel_size=kernel_size, bias=bias)  # no skip: RAW in, RGB out
 
 
 def make_head(kind: str, in_ch: int, out_ch: int, **kw: Any) -> nn.Module:
@@ -107,7 +123,7 @@ def make_head(kind: str, in_ch: int, out_ch: int, **kw: Any) -> nn.Module:
 
     ``kind``: ``"rgb"`` -> :class:`RGBHead`, ``"sr2"`` -> :class:`SRHead` with scale 2,
     ``"raw2rgb"`` -> :class:`RawToRGBHead` (``out_ch`` must be 3). Extra keyword arguments
-    (``kernel_size``, ``bias``) are passed to the head's constructor.
+    (``kernel_size``, ``bias``; ``skip`` for ``"sr2"``) are passed to the head's constructor.
     """
     if kind == "rgb":
         return RGBHead(in_ch, out_ch, **kw)

@@ -3,7 +3,8 @@
 A checkpoint is a ``state.pt`` file (or a Ray checkpoint folder holding one) with at least
 ``{"model": state_dict, "config": Config.to_dict()}``; pre-training writes more (optimiser, step, ...).
 ``head`` records the kind and output channels of the last layer when it is not the pre-training
-head (fine-tuned models), so that the same architecture can be rebuilt before loading the weights.
+head (fine-tuned models), and for SR heads their ``skip`` (absent in checkpoints written before it
+existed: ``"none"``), so that the same network can be rebuilt before loading the weights.
 
 Writes are atomic (a temporary file in the same folder, fsync, ``os.replace``) and leave a SHA-256
 digest beside the file (``state.pt.sha256``); reads verify it when present, so a ``state.pt``
@@ -23,7 +24,7 @@ import torch
 from rcl_dist.config import Config
 
 __all__ = [
-    "CHECKPOINT_FILE", "checkpoint_file", "checkpoint_candidates", "load_checkpoint", "newest_valid_checkpoint",
+    "CHECKPOINT_FILE", "checkpoint_file", "checkpoint_candidates", "head_label", "load_checkpoint", "newest_valid_checkpoint",
     "read_state", "save_checkpoint", "write_state",
 ]  # fmt: skip
 
@@ -147,6 +148,13 @@ def newest_valid_checkpoint(
     raise ValueError(f"{path}: no valid checkpoint: " + "; ".join(reasons))
 
 
+def head_label(head: dict[str, Any]) -> str:
+    """A checkpoint's ``head`` record in words: ``kind/out_channels``, plus ``+bicubic`` for an SR head
+    that adds the input's bicubic upsampling (e.g. ``sr2/3+bicubic``)."""
+    label = f"{head['kind']}/{head['out_channels']}"
+    return label + "+bicubic" if head.get("skip") == "bicubic" else label
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """(model with its weights, its Config, the whole state dict) from a checkpoint file or folder
     (a run folder: its newest valid checkpoint)."""
@@ -163,7 +171,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model = build_model_from_config(cfg)
     head = state.get("head")
     if head:  # a fine-tuned last layer: rebuild it before loading the weights
-        model.replace_head(model.new_head(head["kind"], int(head["out_channels"])))
+        # an SR head's skip (written since it existed; older SR heads predicted the HR image: "none")
+        options = {"skip": head.get("skip", "none")} if head["kind"] == "sr2" else {}
+        model.replace_head(model.new_head(head["kind"], int(head["out_channels"]), **options))
     model.load_state_dict(state["model"])
     return model, cfg, state
 

@@ -136,8 +136,5 @@ class UNet(Restorer):
     def input_skip(self, x_shape: tuple[int, ...], head_shape: tuple[int, ...]) -> bool:
         return self.global_residual and tuple(x_shape) == tuple(head_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.head(self.body(x))  # [B, C_in, H, W] -> [B, width, H, W] -> [B, C_out, s*H, s*W]
-        if self.input_skip(tuple(x.shape), tuple(y.shape)):
-            y = y + x  # global residual: f(x) = x + head(body(x))
-        return y
+    # forward (Restorer's): [B, C_in, H, W] -> body [B, width, H, W] -> head [B, C_out, s*H, s*W], plus
+    # the input (global residual: f(x) = x + head(body(x))) or its bicubic upsampling (SR skip)

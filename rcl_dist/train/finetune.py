@@ -136,6 +136,7 @@ def prepare_loaded_model(model: nn.Module, cfg: Config, spec: FinetuneSpec) -> t
     from rcl_dist.data.spec import derived_seed
 
     kind, out = task_head(model, cfg, spec.task)
+    options = {"skip": spec.sr_skip} if kind == "sr2" else {}
     current = (head_kind(model.head), int(model.head.out_channels))
     if spec.mode == "proxy" or spec.head == "new":
         fresh = True
@@ -150,7 +151,7 @@ def prepare_loaded_model(model: nn.Module, cfg: Config, spec: FinetuneSpec) -> t
         fresh = current != (kind, out)
     if fresh:
         with _seeded(derived_seed(spec.seed, "finetune-head")):
-            model.replace_head(model.new_head(kind, out))
+            model.replace_head(model.new_head(kind, out, **options))
         if model.restores_from_input(model.head):  # input skip: a zero head is the identity
             with torch.no_grad():
                 for p in model.head.parameters():
@@ -160,7 +161,10 @@ def prepare_loaded_model(model: nn.Module, cfg: Config, spec: FinetuneSpec) -> t
     else:
         model.unfreeze()
         params = [p for p in model.parameters()]
-    return {"kind": kind, "out_channels": out, "fresh": fresh}, params
+    record = {"kind": kind, "out_channels": out, "fresh": fresh}
+    if hasattr(model.head, "skip"):
+        record["skip"] = model.head.skip
+    return record, params
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -352,7 +356,8 @@ def checkpoint_extra(
     return {
         "fit": spec.fit if spec.mode == "proxy" else "full",
         "probe": trace.to_dict() if trace is not None else None,
-        "head": {"kind": head["kind"], "out_channels": int(head["out_channels"])},
+        "head": {"kind": head["kind"], "out_channels": int(head["out_channels"]),
+                 **({"skip": head["skip"]} if "skip" in head else {})},
         "task": spec.task,
         "mode": spec.mode,
         "labels": spec.labels,

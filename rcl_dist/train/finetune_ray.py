@@ -125,7 +125,7 @@ def run_finetune(
     """
     from rcl_dist.train.trainer import make_torch_trainer
 
-    from rcl_dist.models.io import CHECKPOINT_FILE
+    from rcl_dist.models.io import CHECKPOINT_FILE, head_label
     from rcl_dist.paths import ray_results
     from rcl_dist.train.launch import check_gpus, ensure_ray
 
@@ -147,7 +147,7 @@ def run_finetune(
             "mode": spec.mode,
             "labels": str(spec.labels),
             "model": info["model"],
-            "head": f"{info['head']['kind']}/{info['head']['out_channels']}" + (" (fresh)" if info["head"]["fresh"] else " (pre-trained)"),
+            "head": head_label(info["head"]) + (" (fresh)" if info["head"]["fresh"] else " (pre-trained)"),
             "batch_size_effective": str(spec.effective_batch_size),
         }
         tracker = RunTracker.start(uri, spec.experiment, name, spec.to_dict(), tags=tags)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rcl_dist.config import Config, ConfigError, check_choice, check_int_at_least
+from rcl_dist.models.heads import SR_SKIPS
 from rcl_dist.train.probe import PROBE_FITS
 from rcl_dist.train.schedule import SCHEDULES
 
@@ -71,6 +72,10 @@ class FinetuneSpec:
     # a spike of 42 made SL from scratch on 1000 labels forget everything it had learnt and end at its
     # input (benchmarks/results/finetune_clip_cpu.md)
     grad_clip: float | None = 1.0
+    # tasks sr / jdensr, a fresh last layer: "bicubic" (restored = bicubic_up(x) + head(body(x)), so the
+    # head learns the detail over interpolation and a zero head is the bicubic baseline) or "none" (the
+    # head predicts the HR image; every proxy of a 16-wide U-Net sat below bicubic that way)
+    sr_skip: str = "bicubic"
     log_every: int = 10  # steps between metric reports
     tracking: bool = True  # False: no MLflow
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or the local store under $RCL_DIST_HOME
@@ -105,6 +110,7 @@ class FinetuneSpec:
         check_choice("fit", self.fit, PROBE_FITS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("augment", self.augment, AUGMENTS)
+        check_choice("sr_skip", self.sr_skip, SR_SKIPS)
         if self.task == "jdd" and self.augment not in ("auto", "none"):
             raise ConfigError(f"augment {self.augment!r} does not apply to task 'jdd' (packed RAW: a flip or a channel "
                               "permutation moves the Bayer phase): use 'auto' or 'none'")  # fmt: skip
