@@ -206,7 +206,9 @@ def _pretrain(cfg, save: Path | None) -> int:
         from rcl_dist.models.io import save_checkpoint
 
         # the one checkpoint format: `finetune --from`, `evaluate --model` and `denoise --model` read it
-        written = save_checkpoint(save, model, cfg)
+        from rcl_dist.config import pin_global_residual
+
+        written = save_checkpoint(save, model, pin_global_residual(cfg))  # the network form written down
         print(f"weights written to {written}")
     return 0
 

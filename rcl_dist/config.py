@@ -526,3 +526,14 @@ def global_residual_of(cfg: "Config") -> bool:
     if cfg.model.global_residual is not None:
         return bool(cfg.model.global_residual)
     return cfg.loss.method in SKIP_METHODS
+
+
+def pin_global_residual(cfg: "Config") -> "Config":
+    """``cfg`` with ``model.global_residual`` null ("auto") replaced by what :func:`global_residual_of`
+    resolves it to today. A pre-training stores this pinned config in its run state and checkpoints, so
+    the network form of its weights never depends on the rule of the code that later loads or resumes
+    them: both forms have the same parameters, and a Ray checkpoint of an N2S network trained with the
+    skip once resumed into a direct network, silently, after the rule changed (18.31 dB)."""
+    if cfg.model.global_residual is not None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, global_residual=global_residual_of(cfg)))

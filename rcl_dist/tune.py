@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rcl_dist.config import Config, ConfigError
+from rcl_dist.config import Config, ConfigError, pin_global_residual
 from rcl_dist.tune_report import SweepResult, git_commit, trial_markdown, write_report
 from rcl_dist.tune_space import Param, SweepSpace, set_key
 
@@ -71,7 +71,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_id = tctx.get_trial_id()
     run_name = f"trial-{trial_id}"
     storage = ctx["trials_dir"]
-    cfg = trial_config(space, params, ctx["manifest"], storage, run_name)
+    cfg = pin_global_residual(trial_config(space, params, ctx["manifest"], storage, run_name))  # the form, written down
     state_file = Path(storage) / run_name / TRIAL_STATE
     tracker = None
     if ctx["tracking_uri"]:

@@ -97,3 +97,37 @@ def test_auto_global_residual_follows_the_method_and_an_explicit_setting_wins(me
     for explicit in (True, False):
         cfg = load_config(None, [*small, f"model.global_residual={str(explicit).lower()}"])
         assert global_residual_of(cfg) is explicit and build_model_from_config(cfg).global_residual is explicit
+
+
+def test_pinned_config_writes_the_form_down_and_a_resume_keeps_it(tmp_path):
+    """pin_global_residual: null resolved by today's rule and stored, so a later rule change cannot rebuild
+    the weights in the other form (both forms have the same parameters: nothing else would notice). A
+    resume keeps a pinned form; a run stored before pinning (null) may have its form stated on resume."""
+    import json
+
+    from rcl_dist.config import config_layer, pin_global_residual
+    from rcl_dist.paths import RUN_STATE
+    from rcl_dist.train.launch import resume_config
+
+    small = ["model.width=4", "model.depth=1", f"dist.storage_path={tmp_path}"]
+    for method, form in (("n2s", False), ("n2n", True)):
+        cfg = load_config(None, [*small, f"loss.method={method}"])
+        assert cfg.model.global_residual is None and pin_global_residual(cfg).model.global_residual is form
+        assert pin_global_residual(cfg).loss == cfg.loss and cfg.model.global_residual is None  # a copy
+    explicit = load_config(None, [*small, "loss.method=n2s", "model.global_residual=true"])
+    assert pin_global_residual(explicit) is explicit
+
+    def stored_run(name: str, cfg) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RUN_STATE).write_text(json.dumps({"config": cfg.to_dict()}))
+
+    n2s = load_config(None, [*small, "loss.method=n2s"])
+    stored_run("pinned", pin_global_residual(n2s))
+    layer = lambda *o: config_layer(None, [f"dist.storage_path={tmp_path}", *o])  # noqa: E731
+    assert resume_config(layer("dist.run_name=pinned"), log=lambda s: None).model.global_residual is False
+    with pytest.raises(ConfigError, match="model.global_residual: run 'pinned' was trained with False"):
+        resume_config(layer("dist.run_name=pinned", "model.global_residual=true"), log=lambda s: None)
+    stored_run("legacy", n2s)  # written before runs pinned the form
+    said = []
+    cfg = resume_config(layer("dist.run_name=legacy", "model.global_residual=true"), log=said.append)
+    assert cfg.model.global_residual is True and said == ["resume: model.global_residual null (auto) -> True"]

@@ -158,6 +158,13 @@ def test_resume_continues_the_same_run(local_ray, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = run_pretrain(load_config(None, [*base, "train.steps=4"]), tracking_uri=uri)
     assert first.metrics["step"] == 4
+    # the network form is written down (pin_global_residual), in the run state and in the checkpoint
+    from rcl_dist.models.io import load_checkpoint
+    from rcl_dist.paths import read_run_state
+
+    assert load_config(None, base).model.global_residual is None  # the given config leaves it to the rule
+    assert read_run_state(tmp_path / "ray" / "r1")["config"]["model"]["global_residual"] is False  # rcl: direct
+    assert load_checkpoint(first.checkpoint_path)[1].model.global_residual is False
     with pytest.raises(ConfigError, match="already exists"):
         run_pretrain(load_config(None, [*base, "train.steps=4"]), tracking_uri=uri)
     second = run_pretrain(load_config(None, [*base, "train.steps=6"]), resume=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcl_dist.config import Config, ConfigError, check_choice
+from rcl_dist.config import Config, ConfigError, check_choice, pin_global_residual
 from rcl_dist.train.finetune_spec import FINETUNE_TASKS, FinetuneSpec
 from rcl_dist.train.labels import LabelBatches, LabelSet, augment_pairs, augmentation, build_label_set
 from rcl_dist.train.probe import ProbeOptions, ProbeTrace, fit_head
@@ -98,15 +98,18 @@ def _load_source(spec: FinetuneSpec, map_location: str | torch.device = "cpu") -
     from rcl_dist.models.io import load_checkpoint
     from rcl_dist.models.factory import build_model_from_config
 
+    # the Config comes back pinned (rcl_dist.config.pin_global_residual): the fine-tuned checkpoint records
+    # the network form it was trained in, whatever the rule of the code that later loads it
     if spec.is_random_init:
-        cfg = Config.from_dict(spec.config)
+        cfg = pin_global_residual(Config.from_dict(spec.config))
         from rcl_dist.data.spec import derived_seed
 
         with _seeded(derived_seed(spec.seed, "finetune-init")):
             return build_model_from_config(cfg), cfg
     model, cfg, _ = load_checkpoint(spec.source, map_location=map_location)
-    if spec.config is not None:
-        given = Config.from_dict(spec.config).model
+    cfg = pin_global_residual(cfg)
+    if spec.config is not None:  # compared in pinned form: a stated null is the rule's form
+        given = pin_global_residual(Config.from_dict(spec.config)).model
         if given != cfg.model:
             diff = sorted(k for k, v in dataclasses.asdict(given).items() if getattr(cfg.model, k) != v)
             raise ConfigError(

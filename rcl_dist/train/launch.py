@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rcl_dist.config import Config, ConfigError
+from rcl_dist.config import Config, ConfigError, global_residual_of, pin_global_residual
 from rcl_dist.console import ray_env, verbose
 from rcl_dist.paths import RUN_STATE, ray_results, read_run_state, rcl_home
 from rcl_dist.train.progress import driver_progress
@@ -76,6 +76,10 @@ def resume_config(given: dict[str, Any], log: Callable[[str], None] = print) -> 
         for key, value in vals.items():
             full = f"{sec}.{key}"
             if full in ("dist.run_name", "dist.storage_path") or stored_cfg.get(sec, {}).get(key) == value:
+                continue
+            if full == "model.global_residual" and stored_cfg["model"].get("global_residual") is None:
+                # a run stored before forms were pinned: the user states the form its checkpoints have
+                log(f"resume: {full} null (auto) -> {value!r}")
                 continue
             if full not in RESUMABLE_KEYS:
                 raise ConfigError(f"{full}: run {name!r} was trained with {stored_cfg[sec][key]!r}, --resume cannot change "
@@ -441,7 +445,12 @@ def run_pretrain(
 
     from rcl_dist.train.pretrain import train_func_per_worker
 
-    # 1. the run: its name and folder, and where a resume starts
+    # 1. the run: its name and folder, and where a resume starts; the network form written down
+    if resume and cfg.model.global_residual is None:
+        log(f"resume: the run's config leaves model.global_residual to the rule (null, written before runs pinned "
+            f"it); it resumes as {global_residual_of(cfg)} (loss.method {cfg.loss.method!r}). If its checkpoints were "
+            f"trained in the other form, stop and pass model.global_residual=<that form>")  # fmt: skip
+    cfg = pin_global_residual(cfg)
     storage = ray_results(cfg.dist.storage_path)
     if resume and not cfg.dist.run_name:
         raise ConfigError("--resume needs dist.run_name: the run to continue")
