@@ -505,20 +505,22 @@ def config_layer(path: str | Path | None = None, overrides: list[str] | tuple[st
     return raw
 
 
-# methods whose loss compares f(x) with a pixel target: the global input skip helps them. Not n2s: its
-# loss sees f only at masked pixels, whose input is the neighbours' interpolation; with the skip the body
-# learns a correction of that interpolation, and at inference (unmasked input) the skip passes the noisy
-# pixel through with that correction added: CBSD68 27.30 dB against 31.76 direct (input 30.51)
-SKIP_METHODS = ("supervised", "n2n", "nb2nb", "b2u")
+# methods whose loss compares f(x) with a pixel target: the global input skip helps them. Not n2s and
+# not b2u: their gradient reaches f only through masked pixels, whose input is the neighbours'
+# interpolation (b2u's visible term f(y) is under stop-gradient); with the skip the body learns a
+# correction of that interpolation, and at inference (unmasked input) the skip passes the noisy pixel
+# through with that correction added. CBSD68 (input 30.51): N2S 27.30 dB with the skip against 31.76
+# direct; B2U's own head 30.36 with the skip (benchmarks/results/n2s_skip_cpu.md)
+SKIP_METHODS = ("supervised", "n2n", "nb2nb")
 
 
 def global_residual_of(cfg: "Config") -> bool:
     """``model.global_residual`` with null ("auto") resolved by ``loss.method``.
 
     Auto: the input skip f(x) = x + head(body(x)) for methods with a pixel target (supervised, n2n,
-    nb2nb, b2u: +1.5 dB for the supervised U-Net at the CPU budget, ``benchmarks/results/recipe_cpu.md``),
-    direct prediction for n2s (Batson & Royer's network: the skip defeats its masking, see
-    SKIP_METHODS; ``benchmarks/results/n2s_skip_cpu.md``) and (the paper's U-Net, App. D.3) for rcl and consistency: with the skip a zero head
+    nb2nb: +1.5 dB for the supervised U-Net at the CPU budget, ``benchmarks/results/recipe_cpu.md``),
+    direct prediction for the masking methods n2s and b2u (Batson & Royer's and Wang et al.'s networks:
+    the skip defeats the masking, see SKIP_METHODS; ``benchmarks/results/n2s_skip_cpu.md``) and (the paper's U-Net, App. D.3) for rcl and consistency: with the skip a zero head
     gives f(x) = x, where Eq. 5 is exactly 0 and Eq. 3 is flat, and pre-training stays at the
     identity (RCL-EMD proxy 30.53 dB with the skip against 33.24 direct on CBSD68, noisy input 30.51,
     ``benchmarks/results/rcl_calibration_runs_cpu.md``).

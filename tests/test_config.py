@@ -86,7 +86,8 @@ def test_checkpoints_written_before_global_residual_load_as_they_were(tmp_path):
     assert load_config().model.global_residual is None  # a new config: the auto rule
 
 
-@pytest.mark.parametrize("method, skip", [("rcl", False), ("consistency", False), ("supervised", True), ("n2n", True), ("n2s", False)])
+@pytest.mark.parametrize("method, skip", [("rcl", False), ("consistency", False), ("supervised", True), ("n2n", True), ("nb2nb", True),
+                                          ("n2s", False), ("b2u", False)])
 def test_auto_global_residual_follows_the_method_and_an_explicit_setting_wins(method, skip):
     from rcl_dist.config import global_residual_of
     from rcl_dist.models.factory import build_model_from_config
