@@ -58,7 +58,7 @@ def test_every_config_loads_and_every_spec_constructs(name, engine):
             assert cfg.model.global_residual == p.global_residual and cfg.train.schedule == p.schedule
             # the row's label is the network that is built: the auto rule per method
             assert global_residual_of(cfg) == fid.resolved_global_residual(p, c), c.key
-            assert global_residual_of(cfg) == (c.method in ("N2N", "Nb2Nb", "B2U", "Oracle", "Oracle (Gaussian)",
+            assert global_residual_of(cfg) == (c.method in ("N2N", "Nb2Nb", "Oracle", "Oracle (Gaussian)",
                                                             "Nb2Nb (real)", "Nb2Nb (real, xcam)")), c.key  # fmt: skip
             if c.method in fid.REAL_PRETRAINED + fid.XCAM_PRETRAINED:  # real photographs: nothing simulated, nothing stored
                 assert c.manifest == ("real_noisy" if c.method in fid.REAL_PRETRAINED else "xcam_noisy")
